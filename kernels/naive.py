@@ -1,0 +1,71 @@
+"""Naive twins of the fast-weight ops: plain PyTorch loops, float64 accumulation.
+
+They define the semantics every other implementation (``torch``, ``triton``) is tested against. Same signatures
+and layouts as the public ops in ``adapt_runtime.kernels``; slow on purpose.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _segments(slots: Tensor, offsets: Tensor | None, m: int) -> list[tuple[int, int, int]]:
+    if offsets is None:
+        return [(r, r + 1, int(slots[r])) for r in range(m)]
+    return [(int(offsets[r]), int(offsets[r + 1]), int(slots[r])) for r in range(slots.numel())]
+
+
+def apply_naive(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """``y[t] += x[t] @ S[slot(t)]^T`` for every token row ``t`` (see ``adapt_runtime.kernels.apply``)."""
+    for start, end, slot in _segments(slots, offsets, x.shape[0]):
+        if end > start:
+            delta = x[start:end].double() @ S[slot].double().T
+            y[start:end] = (y[start:end].double() + delta).to(y.dtype)
+    return y
+
+
+def write_naive(
+    S: Tensor,
+    slots: Tensor,
+    V: Tensor,
+    X: Tensor,
+    beta: Tensor | None = None,
+    decay: float = 1.0,
+    max_norm: Tensor | None = None,
+) -> Tensor:
+    """``S[s] = decay * S[s] + scale * V^T diag(beta) X`` per slot (see ``adapt_runtime.kernels.write``)."""
+    norms = torch.empty(slots.numel(), dtype=torch.float32, device=S.device)
+    for r in range(slots.numel()):
+        v, x = V[r].double(), X[r].double()
+        if beta is not None:
+            v = v * beta[r].double()[:, None]
+        update = v.T @ x  # [d, f]
+        norm = torch.linalg.vector_norm(update)
+        norms[r] = norm.float()
+        if not torch.isfinite(norm):
+            continue
+        scale = 1.0
+        if max_norm is not None and norm > float(max_norm[r]):
+            scale = float(max_norm[r]) / float(norm)
+        s = int(slots[r])
+        S[s] = (decay * S[s].double() + scale * update).to(S.dtype)
+    return norms
+
+
+def apply_write_naive(
+    y: Tensor,
+    x: Tensor,
+    S: Tensor,
+    slot: int,
+    V: Tensor,
+    beta: Tensor | None = None,
+    decay: float = 1.0,
+    max_norm: float | None = None,
+) -> Tensor:
+    """One chunk of one slot: ``y += x @ S[slot]^T`` with the old S, then write ``V^T diag(beta) x``."""
+    slots = torch.tensor([slot], device=S.device)
+    apply_naive(y, x, S, slots, torch.tensor([0, x.shape[0]], device=S.device))
+    bound = None if max_norm is None else torch.tensor([max_norm], dtype=torch.float32, device=S.device)
+    b = None if beta is None else beta[None]
+    return write_naive(S, slots, V[None], x[None], b, decay, bound)[0]

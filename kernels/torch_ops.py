@@ -1,0 +1,78 @@
+"""Fast-weight ops in vectorised PyTorch: the ``impl="torch"`` path, used on CPU and as the GPU baseline."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def apply_torch(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor | None = None) -> Tensor:
+    if offsets is None:
+        # decode: one token per row, each row its own slot
+        delta = torch.bmm(x.unsqueeze(1).to(S.dtype), S[slots].transpose(1, 2)).squeeze(1)
+        y.add_(delta.to(y.dtype))
+        return y
+    bounds = offsets.tolist()
+    for r, slot in enumerate(slots.tolist()):
+        start, end = bounds[r], bounds[r + 1]
+        if end > start:
+            y[start:end].add_((x[start:end].to(S.dtype) @ S[slot].T).to(y.dtype))
+    return y
+
+
+def write_norms(V: Tensor, X: Tensor, beta: Tensor | None) -> Tensor:
+    """Frobenius norms of ``V_r^T diag(beta_r) X_r`` without forming them: ``sqrt(sum((Vb Vb^T) * (X X^T)))``."""
+    v = V.float() if beta is None else V.float() * beta.float().unsqueeze(-1)
+    x = X.float()
+    gram = torch.bmm(v, v.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))
+    return gram.sum(dim=(1, 2)).clamp_min(0).sqrt()
+
+
+def write_scales(norms: Tensor, max_norm: Tensor | None) -> Tensor:
+    """Per-row factor applied to the write: the Frobenius clip, and 0 for a non-finite write."""
+    scale = torch.ones_like(norms)
+    if max_norm is not None:
+        bound = max_norm.to(norms)
+        scale = torch.where(norms > bound, bound / norms.clamp_min(1e-30), scale)
+    return torch.where(torch.isfinite(norms), scale, torch.zeros_like(scale))
+
+
+def write_torch(
+    S: Tensor,
+    slots: Tensor,
+    V: Tensor,
+    X: Tensor,
+    beta: Tensor | None = None,
+    decay: float = 1.0,
+    max_norm: Tensor | None = None,
+) -> Tensor:
+    norms = write_norms(V, X, beta)
+    scales = write_scales(norms, max_norm)
+    finite = torch.isfinite(norms)
+    v = V.float() if beta is None else V.float() * beta.float().unsqueeze(-1)
+    v = v * scales[:, None, None]
+    update = torch.bmm(v.transpose(1, 2), X.float())  # [R, d, f]
+    for r, slot in enumerate(slots.tolist()):
+        if bool(finite[r]):
+            target = S[slot]
+            if decay != 1.0:
+                target.mul_(decay)
+            target.add_(update[r].to(S.dtype))
+    return norms
+
+
+def apply_write_torch(
+    y: Tensor,
+    x: Tensor,
+    S: Tensor,
+    slot: int,
+    V: Tensor,
+    beta: Tensor | None = None,
+    decay: float = 1.0,
+    max_norm: float | None = None,
+) -> Tensor:
+    y.add_((x.to(S.dtype) @ S[slot].T).to(y.dtype))
+    bound = None if max_norm is None else torch.tensor([max_norm], dtype=torch.float32, device=S.device)
+    slots = torch.tensor([slot], device=S.device)
+    b = None if beta is None else beta[None]
+    return write_torch(S, slots, V[None], x[None], b, decay, bound)[0]
