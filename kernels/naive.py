@@ -1,7 +1,7 @@
 """Naive twins of the fast-weight ops: plain PyTorch loops, float64 accumulation.
 
-They define the semantics every other implementation (``torch``, ``triton``) is tested against. Same signatures
-and layouts as the public ops in ``adapt_runtime.kernels``; slow on purpose.
+They define the semantics every other implementation (``torch``, ``triton``) is tested against. Same
+signatures and layouts as the public ops in ``adapt_runtime.kernels``; slow on purpose.
 """
 
 from __future__ import annotations

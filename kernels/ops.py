@@ -2,24 +2,58 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+from types import ModuleType
 from typing import Literal
 
 import torch
-from torch import Tensor
-
 from adapt_runtime.kernels import torch_ops
+from torch import Tensor
 
 Impl = Literal["auto", "torch", "triton"]
 
 
-def _resolve(impl: str, device: torch.device) -> str:
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _resolve(impl: str, state: Tensor, *activations: Tensor) -> str:
+    """Pick ``torch`` or ``triton``: ``auto`` means Triton on CUDA for supported dtypes, torch otherwise."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    if impl == "auto":
+    if impl == "torch":
         return "torch"
-    if impl == "triton":
-        raise NotImplementedError("the Triton implementation is not available in this build")
-    return impl
+    supported = state.dtype in STATE_DTYPES and all(t.dtype in ACTIVATION_DTYPES for t in activations)
+    if impl == "auto":
+        cuda = state.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        return "triton" if cuda and supported else "torch"
+    if not supported:
+        raise TypeError(f"impl='triton' supports state {STATE_DTYPES} and activations {ACTIVATION_DTYPES}, "
+                        f"got {state.dtype} and {[t.dtype for t in activations]}")
+    if state.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("impl='triton' on CPU tensors needs the Triton interpreter: "
+                           "set TRITON_INTERPRET=1 before triton is first imported")
+    if state.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"impl='triton' needs CUDA (or CPU under the interpreter), not {state.device}")
+    return "triton"
+
+
+def _check_device(*tensors: Tensor | None) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+
+def _triton(name: str, device: torch.device) -> ModuleType:
+    """Import a Triton module on first use, so that importing this package never imports Triton."""
+    module = importlib.import_module(f"adapt_runtime.kernels.{name}")
+    launch = importlib.import_module("adapt_runtime.kernels.triton_launch")
+    if device.type == "cpu" and not launch.interpreting():
+        raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set, so its kernels are "
+                           "compiled for the GPU and cannot take CPU tensors")
+    return module
 
 
 def _check_slots(slots: Tensor, n: int, unique: bool) -> None:
@@ -29,6 +63,15 @@ def _check_slots(slots: Tensor, n: int, unique: bool) -> None:
         raise IndexError(f"slot index out of range for a state of {n} slots")
     if unique and slots.unique().numel() != slots.numel():
         raise ValueError("slots of one write must be distinct")
+
+
+def _check_offsets(offsets: Tensor, segments: int, m: int) -> None:
+    if offsets.dtype not in (torch.int32, torch.int64) or offsets.dim() != 1:
+        raise ValueError("offsets must be a 1-D integer tensor")
+    if offsets.numel() != segments + 1 or int(offsets[-1]) != m:
+        raise ValueError("offsets must have len(slots) + 1 entries ending at the number of rows")
+    if int(offsets[0]) < 0 or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError("offsets must be non-negative and non-decreasing")
 
 
 def apply(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor | None = None, *,
@@ -49,9 +92,11 @@ def apply(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor | None
     _check_slots(slots, S.shape[0], unique=False)
     if offsets is None and slots.numel() != x.shape[0]:
         raise ValueError("decode apply needs one slot per row")
-    if offsets is not None and (offsets.numel() != slots.numel() + 1 or int(offsets[-1]) != x.shape[0]):
-        raise ValueError("offsets must have len(slots) + 1 entries ending at the number of rows")
-    _resolve(impl, x.device)
+    if offsets is not None:
+        _check_offsets(offsets, slots.numel(), x.shape[0])
+    _check_device(y, x, S, slots, offsets)
+    if _resolve(impl, S, y, x) == "triton":
+        return _triton("apply_triton", S.device).apply_triton(y, x, S, slots, offsets)
     return torch_ops.apply_torch(y, x, S, slots, offsets)
 
 
@@ -79,7 +124,11 @@ def write(S: Tensor, slots: Tensor, V: Tensor, X: Tensor, beta: Tensor | None = 
     if beta is not None and beta.shape != V.shape[:2]:
         raise ValueError(f"beta must be [R, C] = {tuple(V.shape[:2])}, got {tuple(beta.shape)}")
     _check_slots(slots, S.shape[0], unique=True)
-    _resolve(impl, S.device)
+    if max_norm is not None and max_norm.shape != slots.shape:
+        raise ValueError(f"max_norm must be [R] = {tuple(slots.shape)}, got {tuple(max_norm.shape)}")
+    _check_device(S, slots, V, X, beta, max_norm)
+    if _resolve(impl, S, V, X) == "triton":
+        return _triton("write_triton", S.device).write_triton(S, slots, V, X, beta, decay, max_norm)
     return torch_ops.write_torch(S, slots, V, X, beta, decay, max_norm)
 
 
@@ -97,5 +146,16 @@ def apply_write(y: Tensor, x: Tensor, S: Tensor, slot: int, V: Tensor, beta: Ten
         raise IndexError(f"slot {slot} out of range for a state of {S.shape[0]} slots")
     if x.shape[0] != y.shape[0] or V.shape[0] != x.shape[0]:
         raise ValueError("y, x and V must have the same number of rows")
-    _resolve(impl, x.device)
+    if y.dim() != 2 or x.dim() != 2 or V.dim() != 2 or S.dim() != 3:
+        shapes = f"y {tuple(y.shape)}, x {tuple(x.shape)}, V {tuple(V.shape)}, S {tuple(S.shape)}"
+        raise ValueError(f"bad shapes: {shapes}")
+    if S.shape[1] != y.shape[1] or S.shape[1] != V.shape[1] or S.shape[2] != x.shape[1]:
+        raise ValueError(f"S {tuple(S.shape)} does not match y {tuple(y.shape)}, V {tuple(V.shape)}, "
+                         f"x {tuple(x.shape)}")
+    if beta is not None and beta.shape != (x.shape[0],):
+        raise ValueError(f"beta must be [C] = ({x.shape[0]},), got {tuple(beta.shape)}")
+    _check_device(y, x, S, V, beta)
+    if _resolve(impl, S, y, x, V) == "triton":
+        module = _triton("apply_write_triton", S.device)
+        return module.apply_write_triton(y, x, S, slot, V, beta, decay, max_norm)
     return torch_ops.apply_write_torch(y, x, S, slot, V, beta, decay, max_norm)

@@ -21,7 +21,7 @@ def apply_torch(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor 
 
 
 def write_norms(V: Tensor, X: Tensor, beta: Tensor | None) -> Tensor:
-    """Frobenius norms of ``V_r^T diag(beta_r) X_r`` without forming them: ``sqrt(sum((Vb Vb^T) * (X X^T)))``."""
+    """Frobenius norms of ``V_r^T diag(beta_r) X_r`` unformed: ``sqrt(sum((Vb Vb^T) * (X X^T)))``."""
     v = V.float() if beta is None else V.float() * beta.float().unsqueeze(-1)
     x = X.float()
     gram = torch.bmm(v, v.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))
