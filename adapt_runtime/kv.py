@@ -1,0 +1,67 @@
+"""Per-row KV caches in, one batched HF cache out, and back: rows at different lengths are left-padded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from adapt_runtime.state import FastWeights
+
+
+@dataclass
+class BatchedCache:
+    """A cache for one model call over B rows, with the mask and positions that the padding needs."""
+
+    cache: DynamicCache
+    attention_mask: Tensor | None  # [B, Lmax + T] or None when no row is padded
+    position_ids: Tensor  # [B, T]
+    lengths: list[int]
+    width: int  # Lmax
+
+
+def assemble(states: list[FastWeights], config, steps: int, device: torch.device) -> BatchedCache:
+    """Stack the rows' caches for a call of ``steps`` new tokens per row."""
+    lengths = [s.kv_len for s in states]
+    stored = [0 if not s.kv else int(s.kv[0][0].shape[-2]) for s in states]
+    width = max(lengths)
+    cache = DynamicCache(config=config)
+    if width:
+        n_layers = max(len(s.kv) for s in states if s.kv)
+        for i in range(n_layers):
+            keys, values = [], []
+            for b, (s, n) in enumerate(zip(states, lengths)):
+                if n:
+                    k, v = s.kv[i]
+                else:
+                    ref_k, ref_v = next(t.kv[i] for t in states if t.kv)
+                    k, v = ref_k[:, :, :0], ref_v[:, :, :0]
+                if k.shape[-2] != stored[b] and len(states) > 1:
+                    raise ValueError("rows of different lengths cannot be batched on a model with sliding-window "
+                                     "layers; feed them one at a time")
+                pad = width - k.shape[-2]
+                if pad:
+                    k = torch.nn.functional.pad(k, (0, 0, pad, 0))
+                    v = torch.nn.functional.pad(v, (0, 0, pad, 0))
+                keys.append(k)
+                values.append(v)
+            cache.update(torch.cat(keys), torch.cat(values), i)
+    offsets = torch.tensor(lengths, device=device)[:, None]
+    position_ids = offsets + torch.arange(steps, device=device)[None]
+    mask = None
+    if any(n != width for n in lengths):
+        mask = torch.ones(len(states), width + steps, dtype=torch.long, device=device)
+        for b, n in enumerate(lengths):
+            mask[b, : width - n] = 0
+    return BatchedCache(cache, mask, position_ids, lengths, width)
+
+
+def scatter(batched: BatchedCache, states: list[FastWeights]) -> None:
+    """Give each row its part of the cache after the call (padding stripped, graph detached)."""
+    layers = batched.cache.layers
+    for b, (s, n) in enumerate(zip(states, batched.lengths)):
+        drop = batched.width - n
+        s.kv = [(layer.keys[b : b + 1, :, drop:].detach(), layer.values[b : b + 1, :, drop:].detach())
+                for layer in layers]

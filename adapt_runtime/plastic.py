@@ -1,0 +1,82 @@
+"""``PlasticDown``: the wrapper that makes a down projection plastic, ``y = W0 x + S x``.
+
+The wrapper holds the original module as ``.base`` and reads, per call, a ``Binding`` set by the runtime: which
+fast weights to apply (none, one merged weight, or one S per batch row), and what to capture for the rule. With no
+binding it is exactly the base module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adapt_runtime import kernels
+
+
+@dataclass
+class Binding:
+    """What one plastic layer does during one model call (set by the runtime, cleared after).
+
+    Attributes:
+        merged: `[d, f]` ``W0 + S`` for a single row (one matmul per token), or None.
+        per_row: `[B, d, f]` one S per row (rows without a write hold zeros), or None.
+        capture: names to record: ``x`` (input `[B, T, f]`), ``y`` (output `[B, T, d]`).
+        grad_probe: add a zero tensor that requires grad to the output, so that ``dL/dy`` can be taken.
+    """
+
+    merged: Tensor | None = None
+    per_row: Tensor | None = None
+    capture: frozenset[str] = frozenset()
+    grad_probe: bool = False
+    records: dict[str, Tensor] = field(default_factory=dict)
+
+
+class PlasticDown(nn.Module):
+    """A plastic down projection. ``base`` is the original ``nn.Linear`` or GPT-2 ``Conv1D``, never modified."""
+
+    def __init__(self, base: nn.Module, index: int, conv1d: bool) -> None:
+        super().__init__()
+        self.base = base
+        self.index = index
+        self.conv1d = conv1d
+        self.binding: Binding | None = None
+
+    @property
+    def weight0(self) -> Tensor:
+        """``W0`` as `[d, f]` (GPT-2's Conv1D stores it transposed)."""
+        return self.base.weight.T if self.conv1d else self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.binding
+        if b is None:
+            return self.base(x)
+        if b.merged is not None:
+            y = F.linear(x, b.merged.to(x.dtype), self.bias)
+        else:
+            y = self.base(x)
+            if b.per_row is not None:
+                rows, steps = x.shape[0], x.shape[1]
+                flat_y = y.reshape(rows * steps, -1).clone()
+                slots = torch.arange(rows, device=x.device)
+                offsets = None if steps == 1 else torch.arange(rows + 1, device=x.device) * steps
+                kernels.apply(flat_y, x.reshape(rows * steps, -1), b.per_row, slots, offsets)
+                y = flat_y.view_as(y)
+        if "x" in b.capture:
+            b.records["x"] = x.detach()
+        if b.grad_probe:
+            probe = torch.zeros_like(y, requires_grad=True)
+            b.records["probe"] = probe
+            y = y + probe
+        if "y" in b.capture:
+            b.records["y"] = y.detach()
+        return y
+
+    def extra_repr(self) -> str:
+        return f"layer={self.index}, conv1d={self.conv1d}"

@@ -1,0 +1,91 @@
+"""The rule interface. A rule decides the targets ``v_t`` and rates ``beta_t`` of the one write op
+``S <- decay * S + clip(V^T diag(beta) X)``; the runtime does the rest (chunking, capture, the write itself)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from adapt_runtime.state import FastWeights
+
+if TYPE_CHECKING:
+    from adapt_runtime.runtime import Runtime
+
+
+@dataclass
+class Segment:
+    """What one row produced in one model call, handed to ``Rule.observe``.
+
+    Attributes:
+        records: per plastic layer, the captured tensors (``x`` `[n, f]`, ``y`` `[n, d]`, ``h`` `[n, d]`).
+        logits: `[n, V]` logits of the segment's positions.
+        labels: `[n]` next-token ids, -1 where the next token is not known yet (the last fed position).
+    """
+
+    records: dict[int, dict[str, Tensor]]
+    logits: Tensor
+    labels: Tensor
+
+
+@dataclass
+class Write:
+    """One layer's write: ``S[layer] <- decay * S + clip(V^T diag(beta) X)``."""
+
+    layer: int
+    V: Tensor  # [n, d]
+    X: Tensor  # [n, f]
+    beta: Tensor  # [n]
+
+
+def key_norm(X: Tensor) -> Tensor:
+    """Mean squared key norm of a chunk, the NLMS-style scale of a normalised rate (never below 1e-12)."""
+    return X.float().pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+class Rule:
+    """Base rule. Subclasses set ``name`` and the defaults, and implement ``observe`` and/or ``writes_for``."""
+
+    name: ClassVar[str] = "base"
+    capture: frozenset[str] = frozenset()
+    needs_grad: ClassVar[bool] = False
+    writes: ClassVar[bool] = True
+    default_lr: ClassVar[float] = 0.0
+    default_chunk_size: ClassVar[int] = 32
+    default_layers: ClassVar[str | tuple[int, ...]] = "all"
+    default_decay: ClassVar[float] = 1.0
+    default_clip: ClassVar[float | None] = None
+
+    def options(self) -> dict[str, Any]:
+        """Rule-specific options, JSON-able (recorded in the config and in state files)."""
+        return {}
+
+    def bind(self, rt: Runtime) -> None:
+        """Called once by ``patch``: a chance to check the model and cache what the rule reads from it."""
+
+    def observe(self, rt: Runtime, state: FastWeights, segment: Segment) -> None:
+        """Called after each adapted segment of a row, once its records are in ``state.pending``."""
+
+    def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
+        """The writes of the completed pending chunk of ``state``; ``next_token`` labels its last position."""
+        return []
+
+    @staticmethod
+    def labels_for(state: FastWeights, next_token: int) -> Tensor:
+        """Next-token labels of the pending positions (the stream, then ``next_token`` past its end)."""
+        stream = state.tokens
+        labels = [stream[p + 1] if p + 1 < len(stream) else next_token for p in state.pending.positions]
+        return torch.tensor(labels, dtype=torch.long, device=state.spec.device)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+class NoneRule(Rule):
+    """No write: the patched model equals the base model."""
+
+    name = "none"
+    writes = False

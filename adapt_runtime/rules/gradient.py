@@ -1,0 +1,65 @@
+"""The gradient rule: ``v_t = -dL/dy_t`` for the next-token cross-entropy L of the chunk (dynamic evaluation on
+down_proj, as a fast weight)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adapt_runtime.rules.base import Rule, Write, key_norm
+from adapt_runtime.state import FastWeights
+
+if TYPE_CHECKING:
+    from adapt_runtime.runtime import Runtime
+
+
+@dataclass
+class ChunkGraph:
+    """A chunk's forward with grad: logits `[n, V]`, per-layer inputs ``x`` `[n, f]` and zero probes `[n, d]`
+    added to each down_proj output, so that ``dL/dy`` is ``autograd.grad(L, probes)``."""
+
+    logits: Tensor
+    x: dict[int, Tensor]
+    probes: dict[int, Tensor]
+    rows: Tensor | None = None  # the pending positions among the graph's rows (None: all of them)
+
+
+class GradientRule(Rule):
+    """``S <- decay * S - lr / (n * mean||x||^2) * sum_t g_t x_t^T`` with ``g_t = dL/dy_t``.
+
+    L is the chunk's summed next-token cross-entropy (its last position labelled by the first token of the next
+    chunk). Autograd runs to the down_proj outputs only: no weight gradients, and the KV of earlier chunks is
+    detached. The graph is the chunk's own forward when the whole chunk was read in one call; otherwise the
+    finished chunk is recomputed at the write, so the write is the same however the stream was fed.
+    """
+
+    name = "gradient"
+    needs_grad = True
+    default_lr = 0.1
+    default_chunk_size = 32
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
+        if graph is None:
+            graph = rt.recompute_chunk(state)
+        labels = self.labels_for(state, next_token)
+        logits = graph.logits if graph.rows is None else graph.logits[graph.rows]
+        with torch.enable_grad():
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            layers = list(state.spec.layers)
+            grads = torch.autograd.grad(loss, [graph.probes[layer] for layer in layers])
+        writes = []
+        for layer, g in zip(layers, grads):
+            g = g.reshape(-1, g.shape[-1])
+            X = graph.x[layer]
+            if graph.rows is not None:
+                g, X = g[graph.rows], X[graph.rows]
+            beta = torch.full((X.shape[0],), rt.config.lr, device=X.device) / (X.shape[0] * key_norm(X))
+            writes.append(Write(layer, -g.detach().float(), X, beta))
+        return writes

@@ -1,0 +1,100 @@
+"""The Hebbian rule: a three-factor outer-product write ``v_t x_t^T`` with no backward pass."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from adapt_runtime.rules.base import Rule, Segment, Write, key_norm
+from adapt_runtime.state import FastWeights
+
+if TYPE_CHECKING:
+    from adapt_runtime.runtime import Runtime
+
+TARGETS = ("error", "next_token", "output")
+MODULATIONS = ("none", "surprise")
+
+
+class HebbianRule(Rule):
+    """``S <- decay * S + lr / (n * mean||x||^2) * sum_t m_t v_t x_t^T``.
+
+    Targets ``v_t``: ``error`` is the next-token prediction error carried into the residual stream through the
+    unembedding U, ``U^T (onehot(x_{t+1}) - softmax(logits_t))`` (the ``U^T p`` term over the top-k of p, which is
+    peaked); ``next_token`` is ``U[x_{t+1}]`` alone (In-Place TTT's Theorem-1 target); ``output`` is the layer's own
+    output (Ba et al.'s reconstruction). Modulation ``m_t``: ``surprise`` scales by the token's NLL under the
+    current model relative to the chunk mean; ``none`` is 1.
+    """
+
+    name = "hebbian"
+    default_lr = 0.5
+    default_chunk_size = 32
+
+    def __init__(self, target: str = "error", modulation: str = "none", topk: int = 32) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"hebbian target must be one of {TARGETS}, got {target!r}")
+        if modulation not in MODULATIONS:
+            raise ValueError(f"hebbian modulation must be one of {MODULATIONS}, got {modulation!r}")
+        if topk < 0:
+            raise ValueError(f"topk must be >= 0 (0 = exact), got {topk}")
+        self.target, self.modulation, self.topk = target, modulation, int(topk)
+        self.capture = frozenset({"x", "y"} if target == "output" else {"x"})
+        self._unembed: Tensor | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"target": self.target, "modulation": self.modulation, "topk": self.topk}
+
+    def bind(self, rt: Runtime) -> None:
+        self._unembed = rt.model.get_output_embeddings().weight.detach()
+
+    def _targets(self, logits: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Shared targets `[n, d]` (None for ``output``) and surprise `[n]` of positions with known labels."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(-1, labels[:, None]).squeeze(-1)
+        if self.target == "output":
+            return None, nll
+        U = self._unembed
+        v = U[labels].float()
+        if self.target == "error":
+            probs = logp.exp()
+            if 0 < self.topk < probs.shape[-1]:
+                top_p, top_i = probs.topk(self.topk, dim=-1)
+                v = v - torch.einsum("nk,nkd->nd", top_p, U[top_i].float())
+            else:
+                v = v - probs @ U.float()
+        return v, nll
+
+    def observe(self, rt: Runtime, state: FastWeights, segment: Segment) -> None:
+        known = segment.labels >= 0
+        if not bool(known.any()):
+            return
+        n = int(known.sum())  # known labels are a prefix of the segment
+        v, nll = self._targets(segment.logits[:n], segment.labels[:n])
+        if v is not None:
+            state.pending.add_target("v", v)
+        state.pending.add_target("nll", nll)
+
+    def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
+        pending = state.pending
+        n = len(pending)
+        missing = n - pending.target_len("nll")
+        if missing == 1 and pending.positions[-1] == state.tokens_seen - 1 and state.last_logits is not None:
+            label = torch.tensor([next_token], device=state.spec.device)
+            v, nll = self._targets(state.last_logits[None], label)
+            if v is not None:
+                pending.add_target("v", v)
+            pending.add_target("nll", nll)
+        n_ok = pending.target_len("nll")
+        if n_ok == 0:
+            return []
+        nll = pending.target("nll")
+        m = nll / nll.mean().clamp_min(1e-6) if self.modulation == "surprise" else torch.ones_like(nll)
+        writes = []
+        for layer in state.spec.layers:
+            X = pending.rows("x", layer)[:n_ok]
+            V = pending.rows("y", layer)[:n_ok] if self.target == "output" else pending.target("v")
+            beta = m * (rt.config.lr / (n_ok * key_norm(X)))
+            writes.append(Write(layer, V, X, beta))
+        return writes
+

@@ -1,0 +1,95 @@
+"""In-Place TTT's trained rule: ``V = conv5(T) @ P`` within the chunk, ``dW = ttt_lr * V^T X``.
+
+Reads the trained ``ttt_conv`` (depthwise, kernel 5, per layer) and ``ttt_proj`` weights and the ``ttt_layers``,
+``ttt_chunk``, ``ttt_lr`` and ``ttt_target`` config keys from an In-Place TTT checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor
+
+from adapt_runtime.rules.base import Rule, Write
+from adapt_runtime.state import FastWeights
+
+if TYPE_CHECKING:
+    from adapt_runtime.runtime import Runtime
+
+_KEY = re.compile(r"layers\.(\d+)\.mlp\.(ttt_conv|ttt_proj)\.weight$")
+
+
+def chunk_conv(T: Tensor, conv: Tensor) -> Tensor:
+    """Depthwise conv of `[n, d]` rows with a `[d, 1, k]` kernel, zero-padded at the chunk's edges."""
+    k = conv.shape[-1]
+    out = F.conv1d(T.T[None].float(), conv.float(), padding=k // 2, groups=T.shape[1])
+    return out[0].T
+
+
+class InPlaceTTTRule(Rule):
+    """The checkpoint's trained target and rate; the runtime's ``lr`` is ``ttt_lr``."""
+
+    name = "inplace-ttt"
+    default_lr = 0.3
+
+    def __init__(self, checkpoint: str | Path | None = None, conv: dict[int, Tensor] | None = None,
+                 proj: dict[int, Tensor] | None = None, ttt_target: str = "hidden_states",
+                 ttt_layers: list[int] | None = None, ttt_chunk: int | None = None, ttt_lr: float | None = None):
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.conv, self.proj = conv or {}, proj or {}
+        self.ttt_target, self.ttt_layers, self.ttt_chunk, self.ttt_lr = ttt_target, ttt_layers, ttt_chunk, ttt_lr
+        if self.checkpoint is not None:
+            self._read_checkpoint(Path(self.checkpoint))
+        if self.ttt_target not in ("hidden_states", "input_embed"):
+            raise ValueError(f"ttt_target must be 'hidden_states' or 'input_embed', got {self.ttt_target!r}")
+        self.capture = frozenset({"x", "h"})
+
+    def _read_checkpoint(self, folder: Path) -> None:
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"inplace-ttt needs an In-Place TTT checkpoint folder; {folder} has no config.json")
+        config = json.loads(config_path.read_text())
+        missing = [k for k in ("ttt_layers", "ttt_chunk", "ttt_lr") if k not in config]
+        if missing:
+            raise ValueError(f"{folder} is not an In-Place TTT checkpoint: config lacks {', '.join(missing)}")
+        self.ttt_layers = [int(i) for i in config["ttt_layers"]]
+        self.ttt_chunk, self.ttt_lr = int(config["ttt_chunk"]), float(config["ttt_lr"])
+        self.ttt_target = config.get("ttt_target", "hidden_states")
+        for file in sorted(folder.glob("*.safetensors")):
+            for key, value in load_file(str(file)).items():
+                match = _KEY.search(key)
+                if match:
+                    table = self.conv if match.group(2) == "ttt_conv" else self.proj
+                    table[int(match.group(1))] = value
+
+    def options(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "ttt_target": self.ttt_target, "ttt_layers": self.ttt_layers,
+                "ttt_chunk": self.ttt_chunk, "ttt_lr": self.ttt_lr}
+
+    def bind(self, rt: Runtime) -> None:
+        absent = [i for i in rt.config.layers if i not in self.conv or i not in self.proj]
+        if absent:
+            raise ValueError(f"inplace-ttt: no ttt_conv/ttt_proj weights for layers {absent}; the checkpoint "
+                             f"has them for {sorted(self.conv)}")
+        self._embed = rt.model.get_input_embeddings()
+
+    def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
+        pending = state.pending
+        writes = []
+        for layer in state.spec.layers:
+            if self.ttt_target == "input_embed":
+                ids = torch.tensor([state.tokens[p] for p in pending.positions], device=state.spec.device)
+                T = self._embed(ids).detach()
+            else:
+                T = pending.rows("h", layer)
+            proj = self.proj[layer].to(T.device).float()
+            V = chunk_conv(T, self.conv[layer].to(T.device)) @ proj
+            X = pending.rows("x", layer)
+            writes.append(Write(layer, V, X, torch.full((X.shape[0],), rt.config.lr, device=X.device)))
+        return writes

@@ -1,0 +1,254 @@
+"""``Runtime``: chunked apply-then-update over a patched model, one ``FastWeights`` per batch row.
+
+Semantics (ARCHITECTURE §3): chunks are absolute positions of a state's stream; every token of chunk i is computed
+with S_i; the write of chunk i fires when the first token of chunk i+1 is fed, just before it is computed, so
+feeding a stream in one call, in pieces or token by token gives the same logits and the same final state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from adapt_runtime import kernels
+from adapt_runtime.architectures import ArchSpec, set_path
+from adapt_runtime.config import RuntimeConfig
+from adapt_runtime.errors import ContextOverflowError
+from adapt_runtime.kv import assemble, scatter
+from adapt_runtime.plastic import Binding, PlasticDown
+from adapt_runtime.rules import Rule, Segment, Write
+from adapt_runtime.rules.gradient import ChunkGraph
+from adapt_runtime.state import FastWeights, StateSpec
+
+log = logging.getLogger("adapt_runtime")
+
+
+class Runtime:
+    """A patched model with its rule. Built by ``adapt_runtime.patch``; holds no session state itself."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, config: RuntimeConfig, rule: Rule,
+                 plastic: dict[int, PlasticDown], hooks: list, fingerprint: str) -> None:
+        self.model, self.arch, self.config, self.rule = model, spec, config, rule
+        self.plastic, self._hooks = plastic, hooks
+        weight = next(iter(plastic.values())).weight0
+        self.device = weight.device
+        self.state_spec = StateSpec(
+            fingerprint=fingerprint, rule=config.rule, config_json=config.to_json(), layers=config.layers,
+            shapes=tuple(tuple(plastic[i].weight0.shape) for i in config.layers), chunk_size=config.chunk_size,
+            dtype=config.torch_state_dtype, device=self.device)
+        self._w0_norm = {i: float(torch.linalg.vector_norm(plastic[i].weight0.detach().float())) for i in config.layers}
+        self._merge_ok = weight.dtype in (torch.float32, torch.float64)
+        self._merged_key: tuple[int, int] | None = None
+        self._merged: dict[int, Tensor] = {}
+        cfg = model.config
+        self.max_length = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
+                              or 1 << 30)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.patched = True
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Runtime(model={type(self.model).__name__}, rule={self.rule!r}, chunk_size={c.chunk_size}, "
+                f"layers={list(c.layers)}, lr={c.lr}, decay={c.decay}, clip={c.clip})")
+
+    def new_state(self) -> FastWeights:
+        """A fresh session state: S = 0 (the base model), empty stream."""
+        return FastWeights(self.state_spec)
+
+    def unpatch(self) -> None:
+        """Put the original down projections back (the same module objects) and remove the hooks."""
+        if not self.patched:
+            return
+        layers = self.model
+        for part in self.arch.layers.split("."):
+            layers = getattr(layers, part)
+        for i, wrapper in self.plastic.items():
+            set_path(layers[i], self.arch.down, wrapper.base)
+        for hook in self._hooks:
+            hook.remove()
+        self.patched = False
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: Tensor | Sequence[int], state: FastWeights | list[FastWeights],
+                adapt: bool = True) -> Tensor:
+        """Feed tokens to each row's state and return logits `[B, T, V]` (see the module docstring).
+
+        Args:
+            input_ids: `[T]`, `[B, T]` or a list of ids.
+            state: one state per row (a single state for B = 1).
+            adapt: write the fast weights as chunks complete; False applies S and never writes.
+        """
+        ids, states = self._rows(input_ids, state)
+        rows, total = ids.shape
+        for s in states:
+            if s.kv_len + total > self.max_length:
+                raise ContextOverflowError(
+                    f"{s.kv_len} cached + {total} new tokens exceed the model's {self.max_length} positions; "
+                    "call state.drop_kv() to continue with the fast weights alone")
+        adapt = adapt and self.rule.writes
+        C = self.config.chunk_size
+        outs: list[Tensor] = []
+        graphs: dict[int, ChunkGraph] = {}
+        pos = 0
+        while pos < total:
+            if adapt:
+                self._fire_writes(states, ids[:, pos], graphs)
+            graphs = {}
+            seg = total - pos
+            if adapt:
+                seg = min(seg, min(C - s.tokens_seen % C for s in states))
+            grad = (adapt and self.rule.needs_grad and rows == 1 and states[0].tokens_seen % C == 0
+                    and seg == C and pos + seg < total)
+            capture = set(self.rule.capture) if adapt else set()
+            if grad:
+                capture.add("x")
+            seg_ids = ids[:, pos : pos + seg]
+            logits, bindings = self._call(seg_ids, states, frozenset(capture), grad)
+            nxt = ids[:, pos + 1 : pos + seg + 1]
+            for b, s in enumerate(states):
+                start = s.tokens_seen
+                s.tokens.extend(seg_ids[b].tolist())
+                if adapt:
+                    self._record(s, b, start, bindings, logits[b], nxt[b])
+                if grad:
+                    graphs[id(s)] = ChunkGraph(logits[b], {i: r.records["x"][b] for i, r in bindings.items()},
+                                               {i: r.records["probe"] for i, r in bindings.items()})
+            outs.append(logits.detach())
+            pos += seg
+        out = torch.cat(outs, dim=1).float() if outs else torch.empty(rows, 0, self.vocab_size)
+        if total:
+            for b, s in enumerate(states):
+                s.last_logits = out[b, -1].clone()
+        return out
+
+    def _rows(self, input_ids, state) -> tuple[Tensor, list[FastWeights]]:
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be [T] or [B, T], got shape {tuple(ids.shape)}")
+        states = [state] if isinstance(state, FastWeights) else list(state)
+        if len(states) != ids.shape[0]:
+            raise ValueError(f"{ids.shape[0]} rows of input_ids but {len(states)} states")
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("each row needs its own state object")
+        for s in states:
+            if s.spec is not self.state_spec:
+                raise ValueError("state was made by another runtime; use rt.new_state() or ar.load_state(path, rt)")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        return ids, states
+
+    def _call(self, ids: Tensor, states: list[FastWeights], capture: frozenset[str],
+              grad: bool) -> tuple[Tensor, dict[int, Binding]]:
+        batched = assemble(states, self.model.config, ids.shape[1], self.device)
+        bindings = self._bind(states, capture, grad)
+        try:
+            with torch.set_grad_enabled(grad):
+                out = self.model(input_ids=ids, past_key_values=batched.cache, attention_mask=batched.attention_mask,
+                                 position_ids=batched.position_ids, use_cache=True)
+        finally:
+            for wrapper in self.plastic.values():
+                wrapper.binding = None
+        scatter(batched, states)
+        for s in states:
+            s.kv_tokens += ids.shape[1]
+        return out.logits, bindings
+
+    def _bind(self, states: list[FastWeights], capture: frozenset[str], grad: bool) -> dict[int, Binding]:
+        bindings = {}
+        single = states[0] if len(states) == 1 else None
+        if single is not None and self._merge_ok and not single.is_zero:
+            self._refresh_merged(single)
+        for i, wrapper in self.plastic.items():
+            binding = Binding(capture=capture, grad_probe=grad)
+            deltas = [s.S[i] for s in states]
+            if single is not None and deltas[0] is not None:
+                if self._merge_ok:
+                    binding.merged = self._merged[i]
+                else:
+                    binding.per_row = deltas[0][None]
+            elif any(d is not None for d in deltas):
+                zero = torch.zeros(wrapper.weight0.shape, dtype=self.state_spec.dtype, device=self.device)
+                binding.per_row = torch.stack([d if d is not None else zero for d in deltas])
+            wrapper.binding = bindings[i] = binding
+        return bindings
+
+    def _refresh_merged(self, state: FastWeights) -> None:
+        key = (id(state), state.version)
+        if self._merged_key != key:
+            self._merged = {i: (w.weight0 + state.S[i].to(w.weight0.dtype)) if state.S[i] is not None
+                            else w.weight0 for i, w in self.plastic.items()}
+            self._merged_key = key
+
+    # ------------------------------------------------------------------ writes
+    def _record(self, s: FastWeights, b: int, start: int, bindings: dict[int, Binding], logits: Tensor,
+                nxt: Tensor) -> None:
+        n = logits.shape[0]
+        if not len(s.pending):
+            s.pending.chunk = start // self.config.chunk_size
+        s.pending.positions.extend(range(start, start + n))
+        records = {i: {k: v[b] for k, v in r.records.items() if k in self.rule.capture} for i, r in bindings.items()}
+        for i, rec in records.items():
+            for name, rows in rec.items():
+                s.pending.add_rows(name, i, rows)
+        labels = torch.full((n,), -1, dtype=torch.long, device=self.device)
+        labels[: nxt.numel()] = nxt
+        self.rule.observe(self, s, Segment(records, logits.detach(), labels))
+
+    def _fire_writes(self, states: list[FastWeights], next_tokens: Tensor, graphs: dict[int, ChunkGraph]) -> None:
+        C = self.config.chunk_size
+        for b, s in enumerate(states):
+            if not len(s.pending) or s.pending.chunk == s.tokens_seen // C:
+                continue
+            writes = self.rule.writes_for(self, s, int(next_tokens[b]), graphs.get(id(s)))
+            self._apply_writes(s, writes)
+            s.pending.clear()
+
+    def _apply_writes(self, s: FastWeights, writes: list[Write]) -> None:
+        if not writes:
+            return
+        norms = [kernels.torch_ops.write_norms(w.V[None], w.X[None], w.beta[None])[0] for w in writes]
+        if not all(bool(torch.isfinite(n)) for n in norms):
+            s.refused_writes += 1
+            log.warning("refused a non-finite fast-weight write (chunk %d); the state is unchanged", s.pending.chunk)
+            return
+        slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        for w in writes:
+            bound = None
+            if self.config.clip is not None:
+                bound = torch.tensor([self.config.clip * self._w0_norm[w.layer]], device=self.device)
+            S = s.delta(w.layer, create=True)
+            kernels.write(S[None], slot, w.V[None].float(), w.X[None].float(), w.beta[None].float(),
+                          self.config.decay, bound)
+        s.writes += 1
+        s.bump()
+
+    def recompute_chunk(self, s: FastWeights) -> ChunkGraph:
+        """The pending chunk's forward again, with grad, on the KV prefix before it and the same S."""
+        first = s.pending.positions[0]
+        back = s.tokens_seen - first
+        keep = max(0, s.kv_len - back)
+        tmp = FastWeights(s.spec)
+        tmp.S, tmp.version = s.S, s.version
+        if keep:
+            tmp.kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in s.kv]
+            tmp.kv_tokens = keep
+        ids = torch.tensor([s.tokens[first:]], device=self.device)
+        logits, bindings = self._call(ids, [tmp], frozenset({"x"}), grad=True)
+        rows = torch.tensor([p - first for p in s.pending.positions], device=self.device)
+        return ChunkGraph(logits[0], {i: r.records["x"][0] for i, r in bindings.items()},
+                          {i: r.records["probe"] for i, r in bindings.items()}, rows)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids: Tensor | Sequence[int], state: FastWeights, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop_ids: Sequence[int] = (), adapt: bool = True) -> Iterator[int]:
+        """Stream sampled token ids for one row (see ``adapt_runtime.generate.generate``)."""
+        from adapt_runtime.generate import generate
+
+        return generate(self, input_ids, state, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids, adapt=adapt)

@@ -1,0 +1,137 @@
+"""``FastWeights``: one session's plastic state. Data only: S per layer, the pending chunk, KV cache, counters."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from adapt_runtime.pending import PendingChunk
+
+_VERSIONS = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What a state must match to be used with a runtime (checked when a state file is loaded)."""
+
+    fingerprint: str
+    rule: str
+    config_json: str
+    layers: tuple[int, ...]
+    shapes: tuple[tuple[int, int], ...]  # (d, f) per plastic layer
+    chunk_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class FastWeights:
+    """The fast weights of one session (one batch row), with everything needed to continue its stream.
+
+    Attributes:
+        S: per plastic layer, the `[d, f]` delta, or None while it is zero (nothing written yet).
+        pending: the rows captured for the current incomplete chunk.
+        kv: per attention layer ``(keys, values)`` `[1, H, L, D]`, or None when empty.
+        tokens: every token id fed so far (the session's stream).
+        last_logits: `[V]` logits after the last fed token, or None.
+        writes, refused_writes: counters of fired writes and of writes refused for non-finite values.
+        version: bumped on every change of S (lets a runtime cache ``W0 + S``).
+    """
+
+    def __init__(self, spec: StateSpec) -> None:
+        self.spec = spec
+        self.S: dict[int, Tensor | None] = {layer: None for layer in spec.layers}
+        self.pending = PendingChunk()
+        self.kv: list[tuple[Tensor, Tensor]] | None = None
+        self.tokens: list[int] = []
+        self.last_logits: Tensor | None = None
+        self.writes = 0
+        self.refused_writes = 0
+        self.version = 0
+        self.kv_tokens = 0
+
+    def bump(self) -> None:
+        """Mark S as changed (a process-wide counter, so a (state, version) pair is never reused)."""
+        self.version = next(_VERSIONS)
+
+    @property
+    def tokens_seen(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def kv_len(self) -> int:
+        return self.kv_tokens if self.kv else 0
+
+    @property
+    def is_zero(self) -> bool:
+        return all(s is None for s in self.S.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: S, the pending chunk and the KV cache."""
+        total = sum(s.numel() * s.element_size() for s in self.S.values() if s is not None)
+        if self.kv:
+            total += sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
+        return total + self.pending.nbytes
+
+    def delta(self, layer: int, create: bool = False) -> Tensor | None:
+        """The layer's S; with ``create``, allocated as zeros on first use."""
+        s = self.S[layer]
+        if s is None and create:
+            d, f = self.spec.shapes[self.spec.layers.index(layer)]
+            s = torch.zeros(d, f, dtype=self.spec.dtype, device=self.spec.device)
+            self.S[layer] = s
+        return s
+
+    def delta_norms(self) -> dict[int, float]:
+        """Frobenius norm of S per plastic layer."""
+        return {k: 0.0 if s is None else float(torch.linalg.vector_norm(s.float())) for k, s in self.S.items()}
+
+    def drop_kv(self) -> None:
+        """Forget the attention cache. S, the pending chunk and the stream stay; positions restart at 0."""
+        self.kv = None
+        self.kv_tokens = 0
+
+    def reset(self) -> None:
+        """Back to a fresh state: S = 0, no stream, no KV, counters at 0."""
+        self.S = {layer: None for layer in self.spec.layers}
+        self.pending.clear()
+        self.kv = None
+        self.tokens = []
+        self.last_logits = None
+        self.writes = self.refused_writes = 0
+        self.kv_tokens = 0
+        self.bump()
+
+    def clone(self) -> FastWeights:
+        """A deep copy (a fork of the session)."""
+        copy = FastWeights(self.spec)
+        copy.S = {k: None if s is None else s.clone() for k, s in self.S.items()}
+        copy.pending = self.pending.clone()
+        copy.kv = None if self.kv is None else [(k.clone(), v.clone()) for k, v in self.kv]
+        copy.tokens = list(self.tokens)
+        copy.last_logits = None if self.last_logits is None else self.last_logits.clone()
+        copy.writes, copy.refused_writes = self.writes, self.refused_writes
+        copy.kv_tokens = self.kv_tokens
+        copy.bump()
+        return copy
+
+    def save(self, path: str | Path, include_kv: bool = True) -> None:
+        """Write the state atomically as a safetensors file with metadata (see ``adapt_runtime.state_file``)."""
+        from adapt_runtime.state_file import save_state
+
+        save_state(self, path, include_kv=include_kv)
+
+    def to_bytes(self, include_kv: bool = True) -> bytes:
+        from adapt_runtime.state_file import state_to_bytes
+
+        return state_to_bytes(self, include_kv=include_kv)
+
+    def __repr__(self) -> str:
+        return (
+            f"FastWeights(rule={self.spec.rule!r}, layers={list(self.spec.layers)}, tokens={self.tokens_seen}, "
+            f"kv={self.kv_len}, writes={self.writes}, refused={self.refused_writes}, bytes={self.nbytes})"
+        )
