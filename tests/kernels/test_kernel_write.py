@@ -1,0 +1,88 @@
+"""``write`` against its naive twin over a stream of chunks: decay, beta, Frobenius clip, refused writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adapt_runtime.kernels import write
+from adapt_runtime.kernels.naive import write_naive
+from kernel_testing import GPU_RATIO, RATIO, Case, assert_close, params, state
+
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
+CPU_CASES = [
+    Case(1, 1, 40, 72, 1, f32),
+    Case(3, 7, 40, 72, 7, f16),
+    Case(2, 63, 40, 72, 16, f32),
+    Case(3, 63, 24, 136, 32, f16),
+]
+GPU_CASES = [
+    Case(8, 128, 512, 1000, 64, bf16),
+    Case(4, 512, 300, 700, 512, bf16),
+    Case(2, 2048, 2048, 8192, 2048, bf16),
+    Case(4, 63, 300, 700, 63, f16),
+    Case(4, 200, 512, 1000, 100, f32),
+]
+
+
+def _stream(case: Case, impl: str, ratio: float, state_dtype: torch.dtype = f32, device: str = "cpu") -> None:
+    """B sessions write T tokens in chunks of C; rows are clipped to half the first chunk's norm, decay 0.9."""
+    torch.manual_seed(0)
+    B, T, d, f, C, dtype = case
+    S_ref = state(B + 1, d, f, state_dtype, device)  # slot B: never written, slot B + 1: NaN
+    S_out = S_ref.clone()
+    slots = torch.tensor(list(reversed(range(B))), device=device)
+    V = torch.randn(B, T, d, device=device).to(dtype)
+    X = torch.randn(B, T, f, device=device).to(dtype)
+    beta = torch.rand(B, T, device=device)
+    max_norm = None
+    for start in range(0, T, C):
+        chunk = slice(start, start + C)
+        ref = write_naive(S_ref, slots, V[:, chunk], X[:, chunk], beta[:, chunk], 0.9, max_norm)
+        out = write(S_out, slots, V[:, chunk], X[:, chunk], beta[:, chunk], 0.9, max_norm, impl=impl)
+        assert_close("norms", ref, out, ratio)
+        if max_norm is None:  # clip from the second chunk on, every other row
+            max_norm = torch.where(torch.arange(B, device=device) % 2 == 0, 0.5 * ref, 1e9)
+    assert_close("S", S_ref, S_out, ratio)
+    assert torch.equal(S_out[B], S_ref[B]), "a slot outside the write changed"
+
+
+@pytest.mark.parametrize("case", params(CPU_CASES))
+def test_write_triton(case: Case, interpreter: None) -> None:
+    _stream(case, "triton", RATIO[case.dtype])
+
+
+@pytest.mark.parametrize("case", params(CPU_CASES))
+def test_write_torch(case: Case) -> None:
+    _stream(case, "torch", RATIO[case.dtype])
+
+
+def test_write_triton_bf16_state(interpreter: None) -> None:
+    _stream(Case(2, 20, 40, 72, 10, f32), "triton", 1e-2, state_dtype=bf16)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_write_refuses_non_finite(impl: str, request: pytest.FixtureRequest) -> None:
+    """A row with a non-finite write leaves its slot bit-for-bit untouched; the others are written."""
+    if impl == "triton":
+        request.getfixturevalue("interpreter")
+    torch.manual_seed(0)
+    S = state(3, 40, 72)
+    V, X = torch.randn(3, 5, 40), torch.randn(3, 5, 72)
+    V[0, 2, 7] = float("inf")
+    X[2, 4, 1] = float("nan")
+    before = S.clone()
+    ref = write_naive(before.clone(), torch.tensor([0, 1, 2]), V, X, None, 0.5)
+    norms = write(S, torch.tensor([0, 1, 2]), V, X, None, 0.5, impl=impl)
+    assert not norms[0].isfinite() and not norms[2].isfinite() and norms[1].isfinite()
+    assert torch.equal(S[0], before[0]) and torch.equal(S[2], before[2])
+    assert_close("norm", ref[1], norms[1], RATIO[f32])
+    assert not torch.equal(S[1], before[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", params(GPU_CASES))
+@pytest.mark.parametrize("state_dtype", [f32, bf16], ids=["Sfloat32", "Sbfloat16"])
+def test_write_cuda(case: Case, state_dtype: torch.dtype) -> None:
+    ratio = GPU_RATIO[case.dtype] if state_dtype == f32 else 2e-2
+    _stream(case, "auto", ratio, state_dtype, "cuda")
