@@ -1,0 +1,158 @@
+"""``build_app``: the FastAPI application (routes, error envelope, guard) around a ServerContext."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from adapt_runtime.serving.chat import chat_prompt, create_chat_completion
+from adapt_runtime.serving.completions import create_completion
+from adapt_runtime.serving.context import ServerContext, ctx_of, describe_runtime
+from adapt_runtime.serving.errors import APIError, install_error_handlers
+from adapt_runtime.serving.guard import ApiKeys, Guard
+from adapt_runtime.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from adapt_runtime.serving.session_routes import STATE_PATH_SUFFIX
+from adapt_runtime.serving.session_routes import router as session_router
+from fastapi import APIRouter, FastAPI, Request
+from starlette.responses import Response
+
+log = logging.getLogger("adapt_serve")
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(ctx_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    ctx = ctx_of(request)
+    card = {
+        "id": ctx.model_name,
+        "object": "model",
+        "created": int(ctx.started_at),
+        "owned_by": "adapt-runtime",
+        "root": ctx.config.model,
+        "max_model_len": ctx.engine.max_len,
+        "metadata": {"rule": ctx.config.rule, "runtime": describe_runtime(ctx.engine.rt)},
+    }
+    return {"object": "list", "data": [card]}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: CompletionRequest) -> Response:
+    return await create_completion(ctx_of(request), request, body)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+    return await create_chat_completion(ctx_of(request), request, body)
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request, body: TokenizeRequest) -> dict:
+    ctx = ctx_of(request)
+    ctx.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "send exactly one of prompt or messages", "invalid_request", "prompt")
+    if body.messages is not None:
+        ids = chat_prompt(ctx, ChatCompletionRequest(messages=body.messages))
+    else:
+        ids = ctx.engine.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+    pieces = [ctx.engine.detok.piece(i) for i in ids]
+    return {"count": len(ids), "max_model_len": ctx.engine.max_len, "tokens": ids, "token_strs": pieces}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request, body: DetokenizeRequest) -> dict:
+    ctx = ctx_of(request)
+    ctx.check_model(body.model)
+    ids = ctx.engine.check_ids(body.tokens, "tokens")
+    return {"prompt": ctx.engine.detok.decode(ids)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> dict:
+    ctx = ctx_of(request)
+    tok = ctx.engine.tokenizer
+    return {
+        "tokenizer_class": type(tok).__name__,
+        "vocab_size": ctx.engine.vocab_size,
+        "model_max_length": ctx.engine.max_len,
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_ids": list(ctx.engine.eos_ids),
+        "add_bos_token": bool(getattr(tok, "add_bos_token", False)),
+        "chat_template": ctx.template.jinja,
+        "chat_template_kind": ctx.template.kind,
+    }
+
+
+def _state_bytes_bound(rt: Any) -> int:
+    """An upper bound on an exported state: S, a full KV cache in float32, the pending chunk, and slack."""
+    s_bytes = sum(d * f * 8 for d, f in rt.state_spec.shapes)
+    cfg = rt.model.config
+    heads = getattr(cfg, "num_attention_heads", 1) or 1
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv = cfg.num_hidden_layers * 2 * kv_heads * head_dim * rt.max_length * 4
+    return 2 * (s_bytes + kv) + 8 * 2**20
+
+
+async def _reaper(ctx: ServerContext) -> None:
+    period = max(1.0, min(ctx.config.session_ttl / 4, 60.0))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await ctx.store.reap()
+        except Exception:  # noqa: BLE001 - the reaper must survive a bad file
+            log.exception("session reaper failed")
+
+
+def build_app(ctx: ServerContext) -> Any:
+    """The ASGI application: the guard (keys, body limit) around FastAPI."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(_reaper(ctx))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            if ctx.store.persistent:
+                await ctx.store.flush()
+            else:
+                shutil.rmtree(ctx.store.files.root, ignore_errors=True)
+            ctx.engine.close()
+
+    app = FastAPI(title="adapt-serve", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  description="OpenAI-compatible server with per-session fast-weight memory")
+    app.state.ctx = ctx
+    app.state.started = time.time()
+    install_error_handlers(app)
+    app.include_router(router)
+    app.include_router(session_router)
+    ctx.metrics.watch_sessions(ctx.store.counts, ctx.store.resident_bytes)
+    state_limit = max(ctx.config.max_request_bytes, _state_bytes_bound(ctx.engine.rt))
+
+    def body_limit(path: str) -> int:
+        return state_limit if path.endswith(STATE_PATH_SUFFIX) else ctx.config.max_request_bytes
+
+    return Guard(app, ApiKeys(ctx.config.api_keys), body_limit)

@@ -1,0 +1,44 @@
+"""ChatTemplate: messages -> prompt text, by the tokenizer's Jinja template or a plain one for base models.
+
+The plain fallback writes each message as ``Role: content`` on its own paragraph and ends with
+``Assistant:``, so a base model continues as the assistant. A template renders special tokens itself, so its
+text is tokenized without adding them again; the fallback's text gets the tokenizer's BOS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.protocol import ChatMessage
+
+_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer: Any, template_file: Path | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.jinja = template_file.read_text(encoding="utf-8") if template_file else tokenizer.chat_template
+        self.kind = "file" if template_file else ("tokenizer" if self.jinja else "plain")
+
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> tuple[str, bool]:
+        """The prompt text, and whether the tokenizer should add its special tokens to it."""
+        if self.jinja is None:
+            return _plain(messages, add_generation_prompt), True
+        plain = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                plain, chat_template=self.jinja, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except Exception as exc:  # noqa: BLE001 - template errors are the request's problem (e.g. role order)
+            raise APIError(400, f"the chat template rejected these messages: {exc}", "invalid_messages",
+                           "messages") from None
+        return str(text), False
+
+
+def _plain(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    parts = [f"{_ROLES[m.role]}: {m.text().strip()}" for m in messages]
+    if add_generation_prompt:
+        parts.append("Assistant:")
+    return "\n\n".join(parts)

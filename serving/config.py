@@ -1,0 +1,73 @@
+"""ServerConfig: every knob of ``adapt-serve`` in one frozen dataclass (the CLI maps onto it by keyword)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RULES = ("hebbian", "gradient", "inplace-ttt", "none")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one server process. Validated on construction; errors name the field."""
+
+    model: str = "llama"
+    rule: str = "hebbian"
+    rule_config: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    served_model_name: str | None = None
+    max_model_len: int | None = None
+    max_sessions: int = 1024
+    session_memory_budget: int = 256 * 2**20
+    session_dir: Path | None = None
+    session_ttl: float = 7 * 24 * 3600.0
+    max_request_bytes: int = 2 * 2**20
+    max_concurrent_requests: int = 64
+    chat_template: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(RULES)}")
+        positive = ("max_sessions", "session_memory_budget", "max_request_bytes", "max_concurrent_requests")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.session_ttl <= 0:
+            raise ValueError(f"session_ttl: must be > 0 seconds, got {self.session_ttl}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len: must be > 0, got {self.max_model_len}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in 0..65535, got {self.port}")
+        if any(not key or key != key.strip() for key in self.api_keys):
+            raise ValueError("api_keys: keys must be non-empty and carry no surrounding whitespace")
+
+    @property
+    def model_name(self) -> str:
+        """The id clients see in ``/v1/models`` and must send as ``model`` (or omit)."""
+        return self.served_model_name or self.model
+
+
+def parse_rule_config(text: str | None) -> dict[str, Any]:
+    """``--rule-config '{"lr": 0.01}'`` -> dict; a clear ValueError for anything but a JSON object."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"rule_config: not valid JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise ValueError("rule_config: must be a JSON object such as '{\"lr\": 0.01}'")
+    return value
+
+
+def read_api_key_file(path: Path) -> tuple[str, ...]:
+    """One key per line; blank lines and lines starting with '#' are skipped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))

@@ -1,0 +1,103 @@
+"""Engine: the runtime, its tokenizer and the scheduler, seen from the event loop.
+
+``plan`` decides what of a prompt still has to be read into a state (the session semantics), ``run`` submits a
+job to the model thread and yields its events; closing the iterator early cancels the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from adapt_runtime.serving.detokenize import Detokenizer
+from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.events import Done, Event, Failed
+from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
+
+
+class Engine:
+    def __init__(self, runtime: Any, tokenizer: Any, max_model_len: int | None = None,
+                 on_step: Any = None) -> None:
+        self.rt = runtime
+        self.tokenizer = tokenizer
+        self.detok = Detokenizer(tokenizer)
+        self.max_len = min(runtime.max_length, max_model_len or runtime.max_length)
+        self.vocab_size = runtime.vocab_size
+        self.eos_ids = _eos_ids(runtime, tokenizer)
+        self.scheduler = Scheduler(runtime, self.detok, self.max_len, on_step)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                           "invalid_token_id", param)
+        return ids
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len == 0:
+            raise APIError(400, "the prompt is empty after tokenization", "empty_prompt", "prompt")
+        if prompt_len + max_tokens > self.max_len:
+            raise APIError(
+                400,
+                f"this model's maximum context length is {self.max_len} tokens; the request has {prompt_len} "
+                f"prompt tokens and asks for {max_tokens} more",
+                "context_length_exceeded",
+                "max_tokens" if prompt_len < self.max_len else "prompt",
+            )
+
+    def plan(self, state: Any, tokens: list[int], echo: bool, max_tokens: int) -> Prompt:
+        """Decide what ``state`` must still read of ``tokens``.
+
+        If the prompt extends what the state's KV cache holds, only the new suffix is read. Otherwise (a
+        diverging prompt, an evicted KV, ``echo`` scoring, or no room left for the suffix and the answer), the
+        KV is dropped and the whole prompt is read again: the fast weights continue with the new text.
+        """
+        kv = state.kv_len
+        visible = state.tokens[len(state.tokens) - kv :] if kv else []
+        extends = bool(visible) and tokens[: len(visible)] == visible
+        suffix = tokens[len(visible) :]
+        fits = kv + len(suffix) + max_tokens <= self.max_len
+        resumable = bool(suffix) or state.last_logits is not None
+        if extends and fits and resumable and not echo:
+            return Prompt(state, suffix, tokens)
+        if kv or state.tokens:
+            state.drop_kv()
+        return Prompt(state, list(tokens), tokens, echo=echo)
+
+    def stop_ids(self, extra: list[int] | None, ignore_eos: bool) -> frozenset[int]:
+        base = set() if ignore_eos else set(self.eos_ids)
+        return frozenset(base | set(extra or ()))
+
+    async def run(self, job: Job) -> AsyncIterator[Event]:
+        """Submit ``job`` and yield its events up to ``Done`` or ``Failed``; leaving early cancels it."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+        job.emit = lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event)
+        self.scheduler.submit(job)
+        try:
+            while True:
+                event = await inbox.get()
+                yield event
+                if isinstance(event, Done | Failed):
+                    return
+        finally:
+            job.cancelled.set()
+
+
+def _eos_ids(runtime: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(runtime.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(int(i) for i in configured)
+    return tuple(sorted(ids))

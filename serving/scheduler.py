@@ -1,0 +1,223 @@
+"""The scheduler: one worker thread owns every model call; concurrent requests decode together.
+
+Each loop iteration reads the prompts of newly arrived jobs (one ``rt.forward`` per prompt), then takes one
+decode step for *all* active rows: every row samples its next token from its own logits, and the rows that go
+on are fed in one batched ``rt.forward(ids [B, 1], [state_1 .. state_B])``. Each row carries its own
+``FastWeights``, so each applies (and writes) only its own session's S. Rows with ``adapt`` on and off are fed
+in two calls, since ``adapt`` is per call.
+
+As in ``rt.generate``, the last token of a row is never fed: it becomes the first token of the next input.
+Events go back to the request through ``Job.emit`` (thread-safe); the request commits or discards the states
+after ``Done``, so the scheduler never decides what is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from adapt_runtime.serving.detokenize import Detokenizer, TextStream
+from adapt_runtime.serving.events import Done, Event, Failed, Finished, PromptScored, Token
+from adapt_runtime.serving.sampling import SamplingParams, sample_token, top_logprobs
+
+log = logging.getLogger("adapt_serve")
+
+
+@dataclass
+class Prompt:
+    """One prompt of a job: ``feed`` is what still has to enter ``state`` (empty: it already holds the prompt);
+    ``tokens`` the whole prompt. ``echo`` asks for per-token prompt logprobs (then ``feed == tokens``)."""
+
+    state: Any
+    feed: list[int]
+    tokens: list[int]
+    echo: bool = False
+
+
+@dataclass
+class Row:
+    """One sequence being decoded (a choice of a job)."""
+
+    job: Job
+    index: int
+    state: Any
+    text: TextStream
+    logits: torch.Tensor
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One request's work: read each prompt, then decode ``n`` rows per prompt."""
+
+    prompts: list[Prompt]
+    n: int
+    params: SamplingParams
+    adapt: bool
+    stop_ids: frozenset[int]
+    emit: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    states: list[Any] = field(default_factory=list)
+    live: int = 0
+
+
+class Scheduler:
+    """Owns the model thread. ``submit`` a Job; ``close`` stops the thread after the current step."""
+
+    def __init__(self, runtime: Any, detok: Detokenizer, max_len: int,
+                 on_step: Callable[[int, float], None] | None = None) -> None:
+        self.rt = runtime
+        self.detok = detok
+        self.max_len = max_len
+        self.on_step = on_step
+        self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._rows: list[Row] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="adapt-serve-model", daemon=True)
+        self._thread.start()
+
+    @property
+    def active_rows(self) -> int:
+        return len(self._rows)
+
+    def submit(self, job: Job) -> None:
+        if self._closed:
+            raise RuntimeError("scheduler is closed")
+        self._inbox.put(job)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._closed = True
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                job = self._inbox.get(block=not self._rows, timeout=None if not self._rows else 0)
+            except queue.Empty:
+                job = None
+            while job is not None:
+                self._admit(job)
+                try:
+                    job = self._inbox.get_nowait()
+                except queue.Empty:
+                    job = None
+            if self._rows:
+                self._step()
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            rows = []
+            for p_index, prompt in enumerate(job.prompts):
+                logits, scores = self._read(prompt, job)
+                job.emit(PromptScored(p_index, len(prompt.tokens), scores))
+                gen = job.params.generator()
+                anchor = self.detok.anchor(prompt.tokens)
+                for j in range(job.n):
+                    state = prompt.state if j == 0 else prompt.state.clone()
+                    job.states.append(state)
+                    text = TextStream(self.detok, anchor, job.params.stop)
+                    rows.append(Row(job, p_index * job.n + j, state, text, logits, gen))
+        except Exception as exc:  # noqa: BLE001 - reported to the request, which rolls back
+            job.emit(Failed(exc))
+            return
+        if job.params.max_tokens == 0:
+            for row in rows:
+                job.emit(Finished(row.index, "length", 0))
+            job.emit(Done())
+            return
+        job.live = len(rows)
+        self._rows.extend(rows)
+
+    def _read(self, prompt: Prompt, job: Job) -> tuple[torch.Tensor, list | None]:
+        if not prompt.feed:
+            if prompt.state.last_logits is None:
+                raise RuntimeError("the session holds no logits to continue from")
+            return prompt.state.last_logits.float(), None
+        logits = self.rt.forward(prompt.feed, prompt.state, adapt=job.adapt)[0]  # [T, V]
+        scores = None
+        if prompt.echo:
+            scores = _prompt_logprobs(logits, prompt.feed, job.params.logprobs or 0)
+        return logits[-1].float(), scores
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        feed: list[tuple[Row, int]] = []
+        for row in list(self._rows):
+            if row.job.cancelled.is_set():
+                self._rows.remove(row)
+                continue
+            token, reason = self._sample(row)
+            if reason is None:
+                feed.append((row, token))
+            else:
+                self._finish(row, reason)
+        for adapt in (True, False):
+            group = [(row, tok) for row, tok in feed if row.job.adapt is adapt]
+            if group:
+                self._feed(group, adapt)
+        if self.on_step is not None and feed:
+            self.on_step(len(feed), time.perf_counter() - started)
+
+    def _sample(self, row: Row) -> tuple[int, str | None]:
+        params = row.job.params
+        token = sample_token(row.logits, row.generated, params, row.generator)
+        row.generated.append(token)
+        logprob, top = 0.0, []
+        if params.logprobs is not None:
+            lp = torch.log_softmax(row.logits.float(), dim=-1)
+            logprob, top = float(lp[token]), top_logprobs(lp, params.logprobs)
+        reason = None
+        if token in row.job.stop_ids:
+            reason, text = "stop", row.text.flush()
+        else:
+            text, hit = row.text.push(token)
+            if hit:
+                reason = "stop"
+            elif len(row.generated) >= params.max_tokens or row.state.kv_len + 1 > self.max_len:
+                reason, text = "length", text + row.text.flush()
+        row.job.emit(Token(row.index, token, text, logprob, top))
+        return token, reason
+
+    def _finish(self, row: Row, reason: str) -> None:
+        self._rows.remove(row)
+        job = row.job
+        job.emit(Finished(row.index, reason, len(row.generated)))
+        job.live -= 1
+        if job.live == 0:
+            job.emit(Done())
+
+    def _feed(self, group: list[tuple[Row, int]], adapt: bool) -> None:
+        ids = torch.tensor([[tok] for _, tok in group], dtype=torch.long)
+        states = [row.state for row, _ in group]
+        try:
+            logits = self.rt.forward(ids, states if len(states) > 1 else states[0], adapt=adapt)
+        except Exception as exc:  # noqa: BLE001 - every job in the failed batch is told and rolls back
+            log.exception("decode step failed")
+            for job in {id(row.job): row.job for row, _ in group}.values():
+                job.emit(Failed(exc))
+                job.cancelled.set()
+            return
+        for i, (row, _) in enumerate(group):
+            row.logits = logits[i, -1].float()
+
+
+def _prompt_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list:
+    """Per prompt token: None for the first, then (logprob of the token, top-k) under the preceding logits."""
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [T-1, V]
+    target = torch.tensor(tokens[1:], dtype=torch.long)
+    chosen = lp.gather(1, target[:, None])[:, 0].tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if k > 0 and chosen:
+        values, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [None] + [(c, t) for c, t in zip(chosen, tops)]

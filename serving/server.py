@@ -1,0 +1,63 @@
+"""From a ServerConfig to a running server: load and patch the model, open the session store, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from adapt_runtime.serving.app import build_app
+from adapt_runtime.serving.chat_template import ChatTemplate
+from adapt_runtime.serving.config import ServerConfig
+from adapt_runtime.serving.context import ServerContext
+from adapt_runtime.serving.engine import Engine
+from adapt_runtime.serving.metrics import Metrics
+from adapt_runtime.serving.session_files import SessionFiles
+from adapt_runtime.serving.session_routes import decode_state
+from adapt_runtime.serving.sessions import SessionStore
+
+import adapt_runtime as ar
+
+log = logging.getLogger("adapt_serve")
+
+
+def create_context(config: ServerConfig) -> ServerContext:
+    """Load the model, patch it with the rule, and open the session store (restoring persisted sessions)."""
+    model, tokenizer = ar.load_model(config.model, dtype=config.dtype, device=config.device)
+    runtime = ar.patch(model, rule=config.rule, **config.rule_config)
+    metrics = Metrics()
+    engine = Engine(runtime, tokenizer, config.max_model_len, on_step=metrics.on_step)
+    persistent = config.session_dir is not None
+    root = config.session_dir if persistent else Path(tempfile.mkdtemp(prefix="adapt-serve-sessions-"))
+
+    def on_event(event: str) -> None:
+        metrics.session_events.labels(event=event).inc()
+
+    store = SessionStore(
+        new_state=runtime.new_state,
+        load_state=lambda data: decode_state(data, runtime),
+        files=SessionFiles(Path(root)),
+        budget=config.session_memory_budget,
+        max_sessions=config.max_sessions,
+        ttl=config.session_ttl,
+        persistent=persistent,
+        on_event=on_event,
+    )
+    restored = store.restore()
+    template_file = Path(config.chat_template) if config.chat_template else None
+    ctx = ServerContext(config, engine, store, metrics, ChatTemplate(tokenizer, template_file))
+    log.info("model %s, rule %s, max length %d, %d sessions restored from %s%s", config.model, config.rule,
+             engine.max_len, restored, root, "" if persistent else " (temporary: spill only)")
+    return ctx
+
+
+def serve(config: ServerConfig, log_level: str = "info") -> None:
+    """Build the app and serve it until interrupted."""
+    import uvicorn
+
+    app: Any = build_app(create_context(config))
+    if not config.api_keys:
+        log.warning("no --api-key given: every route is open to anyone who can reach %s:%d", config.host,
+                    config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=10)

@@ -1,0 +1,214 @@
+"""SessionStore: the sessions of all principals, resident under a byte budget, the rest on disk.
+
+A session is owned by the principal (API-key hash) that created it; any other principal gets 404, exactly as
+for an id that does not exist. One turn at a time: ``acquire`` marks the session busy (409 otherwise) and makes
+it resident; ``commit`` swaps in the turn's new state; ``release`` ends the turn. The least recently used idle
+sessions are written to disk (the runtime's state file) when resident bytes exceed the budget, and read back
+on their next use. With ``persistent`` on (an explicit ``--session-dir``), every create and commit is written
+through, so a restart finds every session. Sessions idle for longer than the TTL are deleted, files included.
+All methods run on the event loop; file I/O goes to a thread under the session's I/O lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapt_runtime.serving.errors import APIError, retry_later
+from adapt_runtime.serving.session_files import SESSION_ID, SessionFiles, SessionRecord
+
+log = logging.getLogger("adapt_serve")
+
+
+@dataclass(eq=False)
+class Session:
+    record: SessionRecord
+    state: Any | None  # FastWeights, or None while it lives only on disk
+    busy: bool = False
+    io: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    def info(self) -> dict[str, Any]:
+        state = self.state
+        body = {
+            "id": self.id,
+            "object": "session",
+            "created_at": int(self.record.created_at),
+            "last_used_at": int(self.record.last_used),
+            "turns": self.record.turns,
+            "metadata": dict(self.record.metadata),
+            "resident": state is not None,
+            "busy": self.busy,
+        }
+        if state is not None:
+            body.update(tokens_seen=state.tokens_seen, kv_len=state.kv_len, writes=state.writes,
+                        bytes=state.nbytes)
+        return body
+
+
+def new_session_id() -> str:
+    return "sess_" + secrets.token_urlsafe(18)
+
+
+def check_session_id(sid: str) -> str:
+    if not SESSION_ID.match(sid):
+        raise APIError(400, "session ids look like 'sess_' followed by 16-64 characters of [A-Za-z0-9_-]",
+                       "invalid_session_id", "session_id")
+    return sid
+
+
+class SessionStore:
+    def __init__(self, new_state: Callable[[], Any], load_state: Callable[[bytes], Any], files: SessionFiles,
+                 budget: int, max_sessions: int, ttl: float, persistent: bool,
+                 on_event: Callable[[str], None] | None = None) -> None:
+        self._new_state = new_state
+        self._load_state = load_state
+        self.files = files
+        self.budget = budget
+        self.max_sessions = max_sessions
+        self.ttl = ttl
+        self.persistent = persistent
+        self._on_event = on_event or (lambda _: None)
+        self._sessions: dict[str, Session] = {}
+        self._fitting: asyncio.Task | None = None
+
+    def restore(self) -> int:
+        """Register every session persisted in the directory (state stays on disk until used)."""
+        for record in self.files.scan():
+            self._sessions[record.id] = Session(record, None)
+        return len(self._sessions)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def resident_bytes(self) -> int:
+        return sum(s.state.nbytes for s in self._sessions.values() if s.state is not None)
+
+    def counts(self) -> tuple[int, int]:
+        resident = sum(1 for s in self._sessions.values() if s.state is not None)
+        return resident, len(self._sessions) - resident
+
+    async def create(self, owner: str, metadata: dict[str, str] | None = None, state: Any = None) -> Session:
+        if len(self._sessions) >= self.max_sessions:
+            await self.reap()
+        if len(self._sessions) >= self.max_sessions:
+            raise retry_later(429, f"the server holds its maximum of {self.max_sessions} sessions; delete some",
+                              "session_limit_reached", 5)
+        now = time.time()
+        record = SessionRecord(new_session_id(), owner, now, now, 0, dict(metadata or {}))
+        session = Session(record, state if state is not None else self._new_state())
+        self._sessions[record.id] = session
+        self._on_event("created")
+        if self.persistent:
+            await self._write(session, session.state)
+        await self.fit()
+        return session
+
+    def get(self, owner: str, sid: str) -> Session:
+        check_session_id(sid)
+        session = self._sessions.get(sid)
+        if session is not None and not session.busy and self._expired(session):
+            self._drop(session, "ttl")
+            session = None
+        if session is None or not secrets.compare_digest(session.record.owner, owner):
+            raise APIError(404, f"session {sid} not found", "session_not_found", "session_id")
+        return session
+
+    def list(self, owner: str) -> list[Session]:
+        mine = [s for s in self._sessions.values() if s.record.owner == owner and not self._expired(s)]
+        return sorted(mine, key=lambda s: s.record.created_at)
+
+    async def acquire(self, session: Session) -> Any:
+        """Start a turn: busy (409 if already), resident; returns the committed state (do not mutate it)."""
+        if session.busy:
+            self._on_event("busy")
+            raise APIError(409, f"session {session.id} is in another turn; retry when it finishes",
+                           "session_busy", "session_id", {"Retry-After": "1"})
+        session.busy = True
+        try:
+            async with session.io:
+                if session.state is None:
+                    session.state = await asyncio.to_thread(self._read, session.record)
+        except BaseException:
+            session.busy = False
+            raise
+        session.record.last_used = time.time()
+        return session.state
+
+    async def commit(self, session: Session, state: Any, turn: bool = True) -> None:
+        """Make ``state`` the session's state (the caller holds the turn)."""
+        session.state = state
+        session.record.last_used = time.time()
+        session.record.turns += int(turn)
+        if self.persistent:
+            await self._write(session, state)
+
+    def release(self, session: Session) -> None:
+        """End a turn; spilling, if the budget needs it, runs as a background task."""
+        session.busy = False
+        session.record.last_used = time.time()
+        if self.resident_bytes() > self.budget and (self._fitting is None or self._fitting.done()):
+            self._fitting = asyncio.get_running_loop().create_task(self.fit())
+
+    async def delete(self, session: Session) -> None:
+        if session.busy:
+            raise APIError(409, f"session {session.id} is in a turn; delete it when the turn ends",
+                           "session_busy", "session_id", {"Retry-After": "1"})
+        async with session.io:
+            self._drop(session, "api")
+
+    async def fit(self) -> None:
+        """Spill least recently used idle sessions to disk until resident bytes fit the budget."""
+        while self.resident_bytes() > self.budget:
+            idle = [s for s in self._sessions.values() if s.state is not None and not s.busy and not s.io.locked()]
+            if not idle:
+                return
+            victim = min(idle, key=lambda s: s.record.last_used)
+            async with victim.io:
+                await asyncio.to_thread(self._write_both, victim.record, victim.state)
+                victim.state = None
+            self._on_event("evicted")
+
+    async def reap(self) -> int:
+        """Delete sessions idle for longer than the TTL."""
+        expired = [s for s in self._sessions.values() if not s.busy and self._expired(s)]
+        for session in expired:
+            async with session.io:
+                self._drop(session, "ttl")
+        return len(expired)
+
+    async def flush(self) -> None:
+        """Write every resident session to disk (on shutdown when persistent)."""
+        for session in list(self._sessions.values()):
+            if session.state is not None:
+                async with session.io:
+                    await asyncio.to_thread(self._write_both, session.record, session.state)
+
+    def _expired(self, session: Session) -> bool:
+        return time.time() - session.record.last_used > self.ttl
+
+    def _drop(self, session: Session, reason: str) -> None:
+        self._sessions.pop(session.id, None)
+        self.files.remove(session.record)
+        self._on_event(f"deleted_{reason}")
+
+    async def _write(self, session: Session, state: Any) -> None:
+        async with session.io:
+            await asyncio.to_thread(self._write_both, session.record, state)
+
+    def _write_both(self, record: SessionRecord, state: Any) -> None:
+        self.files.write_state(record, state)
+        self.files.write_record(record)
+
+    def _read(self, record: SessionRecord) -> Any:
+        if not self.files.has_state(record):
+            return self._new_state()
+        return self._load_state(self.files.read_state(record))

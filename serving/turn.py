@@ -1,0 +1,76 @@
+"""Turn: one inference request's hold on its session, or on a throwaway state when it names none.
+
+A turn works on a clone of the session's committed state. ``finish`` commits the clone (unless the request
+said ``"adapt": false``) and ends the turn; ``close`` ends it without committing, which is the rollback for
+errors and disconnects. The committed state is never touched while the turn runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapt_runtime.serving.context import ServerContext, principal_of
+from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.sessions import Session, check_session_id
+from fastapi import Request
+
+SESSION_HEADER = "X-Session-ID"
+
+
+def session_id_of(request: Request, body_id: str | None) -> str | None:
+    """The session named by the ``X-Session-ID`` header or the ``session_id`` field; 400 if they differ."""
+    header = request.headers.get(SESSION_HEADER)
+    if header is not None and body_id is not None and header != body_id:
+        raise APIError(400, f"the {SESSION_HEADER} header and the session_id field name different sessions",
+                       "session_id_mismatch", "session_id")
+    sid = header if header is not None else body_id
+    return None if sid is None else check_session_id(sid)
+
+
+class Turn:
+    def __init__(self, ctx: ServerContext, session: Session | None, state: Any, adapt: bool) -> None:
+        self.ctx = ctx
+        self.session = session
+        self.state = state
+        self.adapt = adapt
+        self.committed = False
+        self._open = session is not None
+
+    @property
+    def session_id(self) -> str | None:
+        return None if self.session is None else self.session.id
+
+    async def finish(self, final_state: Any) -> None:
+        """The turn completed: commit its state (when adapting) and free the session."""
+        if self.session is not None and self.adapt and self._open:
+            await self.ctx.store.commit(self.session, final_state)
+            self.committed = True
+            self.ctx.metrics.commits.labels(outcome="commit").inc()
+        await self.close()
+
+    async def close(self) -> None:
+        """Free the session; without a prior ``finish`` nothing of this turn is kept."""
+        if self._open and self.session is not None:
+            self._open = False
+            if not self.committed and self.adapt:
+                self.ctx.metrics.commits.labels(outcome="rollback").inc()
+            self.ctx.store.release(self.session)
+
+    def adaptation(self, final_state: Any | None) -> dict[str, Any]:
+        state = final_state if final_state is not None else self.state
+        return {"committed": self.committed, "tokens_seen": state.tokens_seen, "writes": state.writes}
+
+
+async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, adapt: bool) -> Turn:
+    """Resolve the session (404 unknown or foreign, 409 busy) and take the turn."""
+    sid = session_id_of(request, body_id)
+    if sid is None:
+        return Turn(ctx, None, ctx.engine.rt.new_state(), adapt)
+    session = ctx.store.get(principal_of(request), sid)
+    committed = await ctx.store.acquire(session)
+    try:
+        working = committed.clone()
+    except BaseException:
+        ctx.store.release(session)
+        raise
+    return Turn(ctx, session, working, adapt)
