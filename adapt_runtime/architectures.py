@@ -17,12 +17,14 @@ class ArchSpec:
         layers: attribute path of the decoder layer list.
         down: path, inside a layer, of the down projection (the plastic module).
         mlp_in: path, inside a layer, of the module whose input is the MLP input ``h`` (In-Place TTT's target).
+        final_norm: path, from the CausalLM, of the norm before the unembedding.
         conv1d: True when the down projection is a GPT-2 ``Conv1D`` (weight stored ``[f, d]``).
     """
 
     layers: str
     down: str
     mlp_in: str
+    final_norm: str = "model.norm"
     conv1d: bool = False
 
 
@@ -37,9 +39,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
-    "gpt2": ArchSpec(layers="transformer.h", down="mlp.c_proj", mlp_in="mlp", conv1d=True),
-    "gpt_neox": ArchSpec(layers="gpt_neox.layers", down="mlp.dense_4h_to_h", mlp_in="mlp"),
-    "opt": ArchSpec(layers="model.decoder.layers", down="fc2", mlp_in="fc1"),
+    "gpt2": ArchSpec(layers="transformer.h", down="mlp.c_proj", mlp_in="mlp", final_norm="transformer.ln_f",
+                     conv1d=True),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", down="mlp.dense_4h_to_h", mlp_in="mlp",
+                         final_norm="gpt_neox.final_layer_norm"),
+    "opt": ArchSpec(layers="model.decoder.layers", down="fc2", mlp_in="fc1",
+                    final_norm="model.decoder.final_layer_norm"),
 }
 
 

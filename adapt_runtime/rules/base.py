@@ -40,9 +40,14 @@ class Write:
     beta: Tensor  # [n]
 
 
-def key_norm(X: Tensor) -> Tensor:
-    """Mean squared key norm of a chunk, the NLMS-style scale of a normalised rate (never below 1e-12)."""
-    return X.float().pow(2).sum(-1).mean().clamp_min(1e-12)
+def key_scale(keys: list[Tensor]) -> Tensor:
+    """``n * mean ||x||^2`` over a chunk's keys in all plastic layers: the divisor of a normalised rate.
+
+    One scale shared by the layers keeps plain SGD's relative layer rates (upper layers, with larger keys, take
+    larger steps), while the per-token mean and the key norm make one ``lr`` fit any chunk size and model width.
+    """
+    mean_sq = torch.stack([X.float().pow(2).sum(-1).mean() for X in keys]).mean()
+    return (keys[0].shape[0] * mean_sq).clamp_min(1e-12)
 
 
 class Rule:

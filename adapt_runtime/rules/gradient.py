@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapt_runtime.rules.base import Rule, Write, key_norm
+from adapt_runtime.rules.base import Rule, Write, key_scale
 from adapt_runtime.state import FastWeights
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class ChunkGraph:
 
 
 class GradientRule(Rule):
-    """``S <- decay * S - lr / (n * mean||x||^2) * sum_t g_t x_t^T`` with ``g_t = dL/dy_t``.
+    """``S <- decay * S - lr / (n * mean||x||^2) * sum_t g_t x_t^T`` with ``g_t = dL/dy_t`` (see ``key_scale``).
 
     L is the chunk's summed next-token cross-entropy (its last position labelled by the first token of the next
     chunk). Autograd runs to the down_proj outputs only: no weight gradients, and the KV of earlier chunks is
@@ -39,7 +39,7 @@ class GradientRule(Rule):
 
     name = "gradient"
     needs_grad = True
-    default_lr = 0.1
+    default_lr = 1.6
     default_chunk_size = 32
 
     def options(self) -> dict[str, Any]:
@@ -54,12 +54,13 @@ class GradientRule(Rule):
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             layers = list(state.spec.layers)
             grads = torch.autograd.grad(loss, [graph.probes[layer] for layer in layers])
-        writes = []
+        targets = {}
         for layer, g in zip(layers, grads):
             g = g.reshape(-1, g.shape[-1])
             X = graph.x[layer]
             if graph.rows is not None:
                 g, X = g[graph.rows], X[graph.rows]
-            beta = torch.full((X.shape[0],), rt.config.lr, device=X.device) / (X.shape[0] * key_norm(X))
-            writes.append(Write(layer, -g.detach().float(), X, beta))
-        return writes
+            targets[layer] = (-g.detach().float(), X.detach())
+        scale = key_scale([X for _, X in targets.values()])
+        beta = torch.full((len(labels),), rt.config.lr, device=labels.device) / scale
+        return [Write(layer, V, X, beta) for layer, (V, X) in targets.items()]

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from adapt_runtime.rules.base import Rule, Segment, Write, key_norm
+from adapt_runtime.architectures import get_path
+from adapt_runtime.rules.base import Rule, Segment, Write, key_scale
 from adapt_runtime.state import FastWeights
 
 if TYPE_CHECKING:
@@ -18,35 +19,45 @@ MODULATIONS = ("none", "surprise")
 
 
 class HebbianRule(Rule):
-    """``S <- decay * S + lr / (n * mean||x||^2) * sum_t m_t v_t x_t^T``.
+    """``S <- decay * S + lr / (n * mean||x||^2) * sum_t m_t v_t x_t^T`` (see ``key_scale``).
 
     Targets ``v_t``: ``error`` is the next-token prediction error carried into the residual stream through the
     unembedding U, ``U^T (onehot(x_{t+1}) - softmax(logits_t))`` (the ``U^T p`` term over the top-k of p, which is
     peaked); ``next_token`` is ``U[x_{t+1}]`` alone (In-Place TTT's Theorem-1 target); ``output`` is the layer's own
     output (Ba et al.'s reconstruction). Modulation ``m_t``: ``surprise`` scales by the token's NLL under the
-    current model relative to the chunk mean; ``none`` is 1.
+    current model relative to the chunk mean; ``none`` is 1. With ``norm_gain``, the unembedding-space targets are
+    scaled per channel by the final norm's gain (normalised to mean 1), the diagonal of the Jacobian the error
+    passes through on its way back to the residual stream.
     """
 
     name = "hebbian"
-    default_lr = 0.5
+    default_lr = 4.0
     default_chunk_size = 32
 
-    def __init__(self, target: str = "error", modulation: str = "none", topk: int = 32) -> None:
+    def __init__(self, target: str = "error", modulation: str = "none", topk: int = 32, norm_gain: bool = True) -> None:
         if target not in TARGETS:
             raise ValueError(f"hebbian target must be one of {TARGETS}, got {target!r}")
         if modulation not in MODULATIONS:
             raise ValueError(f"hebbian modulation must be one of {MODULATIONS}, got {modulation!r}")
         if topk < 0:
             raise ValueError(f"topk must be >= 0 (0 = exact), got {topk}")
-        self.target, self.modulation, self.topk = target, modulation, int(topk)
+        self.target, self.modulation, self.topk, self.norm_gain = target, modulation, int(topk), bool(norm_gain)
         self.capture = frozenset({"x", "y"} if target == "output" else {"x"})
         self._unembed: Tensor | None = None
 
     def options(self) -> dict[str, Any]:
-        return {"target": self.target, "modulation": self.modulation, "topk": self.topk}
+        return {"target": self.target, "modulation": self.modulation, "topk": self.topk, "norm_gain": self.norm_gain}
 
     def bind(self, rt: Runtime) -> None:
         self._unembed = rt.model.get_output_embeddings().weight.detach()
+        self._gain = None
+        norm = get_path(rt.model, rt.arch.final_norm)
+        weight = getattr(norm, "weight", None)
+        if self.norm_gain and weight is not None:
+            gain = weight.detach().float()
+            if type(norm).__name__.startswith("Gemma"):
+                gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
+            self._gain = gain / gain.abs().mean().clamp_min(1e-12)
 
     def _targets(self, logits: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor]:
         """Shared targets `[n, d]` (None for ``output``) and surprise `[n]` of positions with known labels."""
@@ -63,6 +74,8 @@ class HebbianRule(Rule):
                 v = v - torch.einsum("nk,nkd->nd", top_p, U[top_i].float())
             else:
                 v = v - probs @ U.float()
+        if self._gain is not None:
+            v = v * self._gain
         return v, nll
 
     def observe(self, rt: Runtime, state: FastWeights, segment: Segment) -> None:
@@ -90,11 +103,11 @@ class HebbianRule(Rule):
             return []
         nll = pending.target("nll")
         m = nll / nll.mean().clamp_min(1e-6) if self.modulation == "surprise" else torch.ones_like(nll)
+        keys = {layer: pending.rows("x", layer)[:n_ok] for layer in state.spec.layers}
+        beta = m * (rt.config.lr / key_scale(list(keys.values())))
         writes = []
-        for layer in state.spec.layers:
-            X = pending.rows("x", layer)[:n_ok]
+        for layer, X in keys.items():
             V = pending.rows("y", layer)[:n_ok] if self.target == "output" else pending.target("v")
-            beta = m * (rt.config.lr / (n_ok * key_norm(X)))
             writes.append(Write(layer, V, X, beta))
         return writes
 
