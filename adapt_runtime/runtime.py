@@ -202,7 +202,10 @@ class Runtime:
     def _fire_writes(self, states: list[FastWeights], next_tokens: Tensor, graphs: dict[int, ChunkGraph]) -> None:
         C = self.config.chunk_size
         for b, s in enumerate(states):
-            if not len(s.pending) or s.pending.chunk == s.tokens_seen // C:
+            if not len(s.pending):
+                continue
+            self.rule.resolve(self, s, int(next_tokens[b]))
+            if s.pending.chunk == s.tokens_seen // C:
                 continue
             writes = self.rule.writes_for(self, s, int(next_tokens[b]), graphs.get(id(s)))
             self._apply_writes(s, writes)

@@ -73,6 +73,9 @@ class Rule:
     def observe(self, rt: Runtime, state: FastWeights, segment: Segment) -> None:
         """Called after each adapted segment of a row, once its records are in ``state.pending``."""
 
+    def resolve(self, rt: Runtime, state: FastWeights, next_token: int) -> None:
+        """Called when ``next_token`` is fed: the pending position before it now has its label."""
+
     def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
         """The writes of the completed pending chunk of ``state``; ``next_token`` labels its last position."""
         return []

@@ -88,16 +88,19 @@ class HebbianRule(Rule):
             state.pending.add_target("v", v)
         state.pending.add_target("nll", nll)
 
-    def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
+    def resolve(self, rt: Runtime, state: FastWeights, next_token: int) -> None:
         pending = state.pending
-        n = len(pending)
-        missing = n - pending.target_len("nll")
+        missing = len(pending) - pending.target_len("nll")
         if missing == 1 and pending.positions[-1] == state.tokens_seen - 1 and state.last_logits is not None:
             label = torch.tensor([next_token], device=state.spec.device)
             v, nll = self._targets(state.last_logits[None], label)
             if v is not None:
                 pending.add_target("v", v)
             pending.add_target("nll", nll)
+
+    def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
+        pending = state.pending
+        self.resolve(rt, state, next_token)
         n_ok = pending.target_len("nll")
         if n_ok == 0:
             return []

@@ -1,0 +1,149 @@
+"""The semantics of ARCHITECTURE §3: zero state == base, causality, chunking invariance, batching, isolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import patched, tokens
+
+import adapt_runtime as ar
+
+RULES = ["none", "hebbian", "hebbian-output", "gradient"]
+WRITING = ["hebbian", "hebbian-output", "gradient"]
+
+
+def base_logits(rt, ids: torch.Tensor) -> torch.Tensor:
+    for wrapper in rt.plastic.values():
+        assert wrapper.binding is None
+    with torch.no_grad():
+        return rt.model(ids[None]).logits.float()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_zero_state_is_base_bit_for_bit(rule):
+    rt = patched(rule, chunk_size=7)
+    ids = tokens(7)  # one chunk: no write can fire yet
+    assert torch.equal(rt.forward(ids, rt.new_state()), base_logits(rt, ids))
+
+
+def test_none_rule_equals_base_on_long_stream():
+    rt = patched("none", chunk_size=4)
+    ids = tokens(40)
+    state = rt.new_state()
+    assert torch.equal(rt.forward(ids, state), base_logits(rt, ids))
+    assert state.writes == 0 and state.is_zero
+
+
+@pytest.mark.parametrize("rule", WRITING)
+def test_writes_change_later_chunks_only(rule):
+    rt = patched(rule, chunk_size=8)
+    ids = tokens(32)
+    state = rt.new_state()
+    out = rt.forward(ids, state)
+    ref = base_logits(rt, ids)
+    # chunk 0 is computed with S_0 = 0 (in an 8-token call, so equal up to matmul blocking, not bit for bit)
+    torch.testing.assert_close(out[:, :8], ref[:, :8], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out[:, 9:], ref[:, 9:], atol=1e-6)
+    assert state.writes == 3  # chunks 0, 1, 2 complete and labelled; chunk 3 waits for its next token
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 32], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("rule", RULES)
+def test_causality(rule, chunk):
+    rt = patched(rule, chunk_size=chunk)
+    ids = tokens(45)
+    p = 23
+    other = ids.clone()
+    other[p + 1 :] = tokens(45 - p - 1, seed=9)
+    a = rt.forward(ids, rt.new_state())
+    b = rt.forward(other, rt.new_state())
+    torch.testing.assert_close(a[:, : p + 1], b[:, : p + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[:, p + 1 :], b[:, p + 1 :])
+
+
+@pytest.mark.parametrize("rule", WRITING)
+@pytest.mark.parametrize("feed", ["pieces", "token-by-token"])
+def test_one_call_equals_pieces(rule, feed):
+    rt = patched(rule, chunk_size=7)
+    ids = tokens(30)
+    whole = rt.new_state()
+    ref = rt.forward(ids, whole)
+    state = rt.new_state()
+    cuts = [0, 3, 10, 11, 21, 30] if feed == "pieces" else list(range(31))
+    out = torch.cat([rt.forward(ids[a:b], state) for a, b in zip(cuts, cuts[1:])], dim=1)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert state.writes == whole.writes > 0
+    for layer in state.spec.layers:
+        torch.testing.assert_close(state.S[layer], whole.S[layer], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", WRITING)
+def test_batched_rows_equal_rows_alone(rule):
+    rt = patched(rule, chunk_size=5)
+    prefixes = [tokens(9, seed=1), tokens(16, seed=2), tokens(3, seed=3)]  # different stream lengths
+    nxt = torch.stack([tokens(8, seed=10 + i) for i in range(3)])
+    alone, batched = [], []
+    for prefix in prefixes:
+        a, b = rt.new_state(), rt.new_state()
+        rt.forward(prefix, a)
+        rt.forward(prefix, b)
+        alone.append(a)
+        batched.append(b)
+    expected = torch.cat([rt.forward(nxt[i], s) for i, s in enumerate(alone)])
+    got = rt.forward(nxt, batched)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for a, b in zip(alone, batched):
+        assert a.writes == b.writes and a.tokens == b.tokens
+        for layer in a.spec.layers:
+            if a.S[layer] is None:
+                assert b.S[layer] is None
+            else:
+                torch.testing.assert_close(b.S[layer], a.S[layer], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", WRITING)
+def test_rows_never_see_each_others_state(rule):
+    rt = patched(rule, chunk_size=4)
+    busy, quiet = rt.new_state(), rt.new_state()
+    rt.forward(tokens(30, seed=5), busy)
+    probe = tokens(6, seed=6)
+    alone = rt.forward(probe, quiet.clone())
+    both = rt.forward(torch.stack([probe, tokens(6, seed=7)]), [quiet, busy.clone()])
+    torch.testing.assert_close(both[:1], alone, atol=1e-6, rtol=1e-6)
+
+
+def test_adapt_false_never_writes():
+    rt = patched("hebbian", chunk_size=4)
+    state = rt.new_state()
+    rt.forward(tokens(30), state, adapt=False)
+    assert state.is_zero and state.writes == 0 and state.tokens_seen == 30
+
+
+def test_drop_kv_keeps_fast_weights():
+    rt = patched("hebbian", chunk_size=4)
+    state = rt.new_state()
+    rt.forward(tokens(20), state)
+    norms = state.delta_norms()
+    state.drop_kv()
+    assert state.kv_len == 0 and state.tokens_seen == 20 and state.delta_norms() == norms
+    rt.forward(tokens(5, seed=3), state)
+    assert state.kv_len == 5
+
+
+def test_context_overflow_is_a_clear_error():
+    rt = patched("hebbian", chunk_size=4)
+    state = rt.new_state()
+    with pytest.raises(ar.ContextOverflowError, match="drop_kv"):
+        rt.forward(tokens(rt.max_length + 1), state)
+    assert state.tokens_seen == 0
+
+
+def test_bad_inputs_are_rejected():
+    rt = patched("hebbian")
+    with pytest.raises(ValueError, match="token ids"):
+        rt.forward([1, 2, 10_000], rt.new_state())
+    with pytest.raises(ValueError, match="states"):
+        rt.forward(torch.zeros(2, 3, dtype=torch.long), rt.new_state())
+    other = patched("hebbian")
+    with pytest.raises(ValueError, match="another runtime"):
+        rt.forward([1, 2], other.new_state())
