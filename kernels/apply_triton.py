@@ -15,6 +15,8 @@ import triton.language as tl
 from adapt_runtime.kernels import triton_launch as tlx
 from torch import Tensor
 
+GRID_LIMIT = 65535  # CUDA's bound on the second and third grid dimensions
+
 
 @triton.jit
 def apply_decode_fwd_kernel(
@@ -116,6 +118,8 @@ def apply_triton(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor
         split = tlx.split_for(d_blocks * rows * t_blocks, f_blocks, y.device)
     f_per_split = triton.cdiv(f_blocks, split) * t.block_f
     split = triton.cdiv(f, f_per_split)
+    if rows > GRID_LIMIT or t_blocks * split > GRID_LIMIT:
+        raise ValueError(f"{rows} rows or segments (at most {GRID_LIMIT}) are too many for one launch")
     ws = torch.zeros((m, d) if split > 1 else (1,), dtype=torch.float32, device=y.device)
     strides = (*y.stride(), *x.stride(), *S.stride())
     if decode:

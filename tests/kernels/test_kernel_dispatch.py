@@ -79,3 +79,12 @@ def test_devices_must_match() -> None:
     y, x, S = _decode()
     with pytest.raises(ValueError, match="one device"):
         apply(y, x, S.to("meta"), torch.tensor([0, 1]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernel tests compile instead")
+def test_interpreter_is_active() -> None:
+    """The interpreter tests skip, rather than crash, if Triton was imported compiled; make that a failure."""
+    pytest.importorskip("triton")
+    from adapt_runtime.kernels import triton_launch
+
+    assert triton_launch.interpreting(), "triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET"
