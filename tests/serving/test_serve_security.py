@@ -1,0 +1,143 @@
+"""Auth fails closed on every route but /health, limits answer 413/400/429, and every error is the envelope."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import httpx
+import pytest
+from adapt_runtime.serving.app import router as main_router
+from adapt_runtime.serving.guard import PUBLIC_PATHS
+from adapt_runtime.serving.session_routes import router as session_router
+from serve_testing import KEY_A, MODEL, Server, assert_envelope
+
+MAX_BODY = 4096
+MAX_SESSIONS = 3
+
+
+@pytest.fixture(scope="module")
+def server(launch) -> Server:
+    return launch("--rule", "hebbian", "--max-request-bytes", str(MAX_BODY), "--max-sessions", str(MAX_SESSIONS),
+                  "--max-concurrent-requests", "2")
+
+
+def _routes() -> list[tuple[str, str]]:
+    """(method, path) of every route the app declares, plus the framework's own and an unknown path."""
+    found = [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/no/such/route"), ("POST", "/v1/embeddings")]
+    for route in [*main_router.routes, *session_router.routes]:
+        path = re.sub(r"\{[^}]+\}", "sess_" + "A" * 22, route.path)
+        found += [(method, path) for method in sorted(route.methods)]
+    return found
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {KEY_A}", f"Bearer {KEY_A.upper()}",
+                                           "Bearer"], ids=["none", "wrong", "basic", "case", "empty"])
+def test_every_route_but_health_needs_a_valid_key(server: Server, authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for method, path in _routes():
+            response = http.request(method, path, headers=headers, json={})
+            if path in PUBLIC_PATHS:
+                assert response.status_code == 200, path
+            else:
+                error = assert_envelope(response, 401, "invalid_api_key")
+                assert error["type"] == "authentication_error", (method, path)
+
+
+def test_the_walk_covers_every_documented_path(server: Server) -> None:
+    with server.http() as http:
+        documented = set(http.get("/openapi.json").json()["paths"])
+    walked = {re.sub(r"sess_A{22}", "{session_id}", path) for _, path in _routes()}
+    assert documented <= walked
+
+
+def test_each_key_works(server: Server) -> None:
+    for key in server.keys:
+        assert server.client(key).models.list().data[0].id == MODEL
+
+
+BAD_REQUESTS = [
+    ("POST", "/v1/completions", {"max_tokens": 2}, 400, "invalid_request"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "temperature": 7}, 400, "invalid_request"),
+    ("POST", "/v1/completions", {"prompt": []}, 400, "invalid_request"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "n": 0}, 400, "invalid_request"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 100000}, 400, "context_length_exceeded"),
+    ("POST", "/v1/completions", {"prompt": [1, 99999]}, 400, "invalid_token_id"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "model": "gpt-4"}, 404, "model_not_found"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "suffix": "x"}, 400, "unsupported_parameter"),
+    ("POST", "/v1/chat/completions", {"messages": []}, 400, "invalid_request"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request"),
+    ("POST", "/detokenize", {"tokens": [99999]}, 400, "invalid_token_id"),
+    ("POST", "/tokenize", {}, 400, "invalid_request"),
+    ("POST", "/v1/sessions", {"unknown": 1}, 400, "invalid_request"),
+    ("DELETE", "/v1/models", None, 405, "method_not_allowed"),
+    ("GET", "/v1/nothing-here", None, 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status,code", BAD_REQUESTS,
+                         ids=[f"{m}-{p.strip('/').replace('/', '.')}-{c}-{i}" for i, (m, p, _, _, c)
+                              in enumerate(BAD_REQUESTS)])
+def test_errors_come_in_the_openai_envelope(server: Server, method: str, path: str, body: dict | None,
+                                            status: int, code: str) -> None:
+    with server.http() as http:
+        assert_envelope(http.request(method, path, json=body), status, code)
+
+
+def test_malformed_json_is_400(server: Server) -> None:
+    with server.http() as http:
+        response = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_envelope(response, 400)
+
+
+def test_oversized_bodies_are_413(server: Server) -> None:
+    with server.http() as http:
+        declared = http.post("/v1/completions", json={"prompt": "x" * (2 * MAX_BODY)})
+
+        def chunks():
+            yield b'{"prompt": "'
+            for _ in range(4):
+                yield b"y" * MAX_BODY
+            yield b'"}'
+
+        streamed = http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert_envelope(declared, 413, "request_too_large")
+    assert_envelope(streamed, 413, "request_too_large")
+
+
+def test_session_limit_is_429_with_retry_after(server: Server) -> None:
+    with server.http() as http:
+        for _ in range(MAX_SESSIONS + 1):
+            response = http.post("/v1/sessions")
+            if response.status_code != 201:
+                break
+        assert_envelope(response, 429, "session_limit_reached")
+        assert int(response.headers["retry-after"]) > 0
+        for session in http.get("/v1/sessions").json()["data"]:
+            http.delete(f"/v1/sessions/{session['id']}")
+
+
+def test_too_many_concurrent_requests_is_429(server: Server) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 300, "stream": True, "ignore_eos": True}
+    started = threading.Barrier(3)
+    streams = []
+
+    def hold() -> None:
+        with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(lines)
+            started.wait()
+            streams.append(sum(1 for _ in lines))
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    with server.http() as http:
+        response = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+    for thread in threads:
+        thread.join()
+    assert_envelope(response, 429, "server_overloaded")
+    assert int(response.headers["retry-after"]) > 0
+    assert len(streams) == 2
