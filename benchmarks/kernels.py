@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -51,7 +51,7 @@ class Row:
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median seconds per call."""
+    """Seconds per call: the median on CUDA, the minimum on CPU (where other processes add large outliers)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -67,7 +67,7 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times) if device.type == "cuda" else min(times)
 
 
 def probes(device: torch.device, copy_mib: int, mm_n: int, reps: int) -> dict:
@@ -189,11 +189,12 @@ def run(args) -> dict:
         if cuda:
             torch.cuda.empty_cache()
     return {
-        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or 'cpu'}, "
-        f"{torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if cuda else f"CPU, {os.cpu_count()} cores",
         "note": "" if cuda else f"NO CUDA: torch implementations only, shapes divided by {scale}; "
         "Triton is not timed (its CPU interpreter says nothing about speed).",
         "torch": torch.__version__,
+        "timing": "median" if cuda else "minimum",
+        "threads": torch.get_num_threads(),
         "state_dtype": args.state_dtype,
         "act_dtype": args.act_dtype,
         "roofline": roof,
@@ -203,8 +204,8 @@ def run(args) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"device: {result['device']}  torch {result['torch']}  state {result['state_dtype']}  "
-             f"activations {result['act_dtype']}"]
+    lines = [f"device: {result['device']}  torch {result['torch']}  threads {result['threads']}  "
+             f"state {result['state_dtype']}  activations {result['act_dtype']}  timing: {result['timing']}"]
     if result["note"]:
         lines.append(result["note"])
     r = result["roofline"]
@@ -232,7 +233,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="apply batch sizes")
     parser.add_argument("--chunks", type=int, nargs="+", default=list(CHUNKS), help="write chunk lengths")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
-    parser.add_argument("--reps", type=int, default=10, help="timed calls (the median is reported)")
+    parser.add_argument("--reps", type=int, default=10, help="timed calls (median on CUDA, minimum on CPU)")
     parser.add_argument("--copy-mib", type=int, default=2048, help="buffer size of the copy probe (CPU: <= 256)")
     parser.add_argument("--cpu", action="store_true", help="run the CPU path even when CUDA is present")
     parser.add_argument("--cpu-scale", type=int, default=8, help="without CUDA, divide d and f by this")
