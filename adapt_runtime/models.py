@@ -36,14 +36,16 @@ def resolve_model_name(name: str) -> str:
     return str(bundled_model_dir()) if target == BUNDLED else target
 
 
-def _attn_implementation(device: torch.device) -> str:
+def _attn_implementation(device: torch.device) -> str | None:
+    """``flash_attention_2`` on CUDA with flash-attn installed; otherwise None, which lets transformers pick
+    ``sdpa`` wherever the architecture supports it (and eager where it does not)."""
     if device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
         except ImportError:
-            return "sdpa"
+            return None
         return "flash_attention_2"
-    return "sdpa"
+    return None
 
 
 def load_model(name: str = "llama", dtype: str | torch.dtype | None = None, device: str | None = None):
@@ -65,7 +67,7 @@ def load_model(name: str = "llama", dtype: str | torch.dtype | None = None, devi
 
     target = resolve_model_name(name)
     dev = torch.device(device or "cpu")
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     local = Path(target).expanduser()
@@ -73,7 +75,10 @@ def load_model(name: str = "llama", dtype: str | torch.dtype | None = None, devi
         raise ModelNotFoundError(f"{local} exists but holds no config.json; point at a HF model directory")
     source = str(local) if local.exists() else target
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    kwargs = {"attn_implementation": _attn_implementation(dev)}
+    kwargs = {}
+    attn = _attn_implementation(dev)
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:

@@ -27,11 +27,11 @@ def fingerprint(weights: list[torch.Tensor]) -> str:
 
 def _defaults(rule: Rule, chunk_size, layers, lr, decay, clip) -> dict[str, Any]:
     if isinstance(rule, InPlaceTTTRule):
-        chunk_size = chunk_size or rule.ttt_chunk
+        chunk_size = chunk_size if chunk_size is not None else rule.ttt_chunk
         layers = layers if layers is not None else rule.ttt_layers
         lr = lr if lr is not None else rule.ttt_lr
     return {
-        "chunk_size": int(chunk_size or rule.default_chunk_size),
+        "chunk_size": int(chunk_size if chunk_size is not None else rule.default_chunk_size),
         "layers": layers if layers is not None else rule.default_layers,
         "lr": float(lr if lr is not None else rule.default_lr),
         "decay": float(decay if decay is not None else rule.default_decay),
@@ -92,6 +92,7 @@ def _capture_h(wrapper: PlasticDown):
     def hook(module: nn.Module, args: tuple) -> None:
         binding = wrapper.binding
         if binding is not None and "h" in binding.capture:
-            binding.records["h"] = args[0].detach()
+            h = args[0].detach()
+            binding.records["h"] = h.view(binding.rows, -1, h.shape[-1]) if h.dim() == 2 else h
 
     return hook

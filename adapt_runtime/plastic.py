@@ -31,6 +31,7 @@ class Binding:
     per_row: Tensor | None = None
     capture: frozenset[str] = frozenset()
     grad_probe: bool = False
+    rows: int = 1  # batch rows of the call (OPT feeds its MLP flattened to [B * T, f])
     records: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -57,6 +58,9 @@ class PlasticDown(nn.Module):
         b = self.binding
         if b is None:
             return self.base(x)
+        flat_shape = x.shape if x.dim() == 2 else None
+        if flat_shape is not None:
+            x = x.view(b.rows, -1, x.shape[-1])
         if b.merged is not None:
             y = F.linear(x, b.merged.to(x.dtype), self.bias)
         else:
@@ -76,7 +80,7 @@ class PlasticDown(nn.Module):
             y = y + probe
         if "y" in b.capture:
             b.records["y"] = y.detach()
-        return y
+        return y if flat_shape is None else y.reshape(flat_shape[0], -1)
 
     def extra_repr(self) -> str:
         return f"layer={self.index}, conv1d={self.conv1d}"

@@ -164,7 +164,7 @@ class Runtime:
         if single is not None and self._merge_ok and not single.is_zero:
             self._refresh_merged(single)
         for i, wrapper in self.plastic.items():
-            binding = Binding(capture=capture, grad_probe=grad)
+            binding = Binding(capture=capture, grad_probe=grad, rows=len(states))
             deltas = [s.S[i] for s in states]
             if single is not None and deltas[0] is not None:
                 if self._merge_ok:

@@ -114,6 +114,7 @@ def state_from_bytes(data: bytes, rt: Runtime) -> FastWeights:
         if n_kv:
             state.kv = [(tensors[f"kv.{i}.k"].to(spec.device), tensors[f"kv.{i}.v"].to(spec.device))
                         for i in range(n_kv)]
+            state.kv_tokens = int(counters["kv_tokens"])
         state.writes, state.refused_writes = int(counters["writes"]), int(counters["refused_writes"])
         state.bump()
     except StateFileError:

@@ -32,13 +32,12 @@ TINY_CONFIGS = {
 
 
 def tiny_model(arch: str = "llama", layers: int = 3, seed: int = 0) -> torch.nn.Module:
-    """A random-init float32 causal LM of ``arch`` in eval mode."""
+    """A random-init float32 causal LM of ``arch`` in eval mode (transformers picks sdpa where supported)."""
     name, kwargs = TINY_CONFIGS[arch]
     config = getattr(transformers, name)(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=256,
                                          **kwargs)
     if arch == "gpt2":
         config.n_layer = layers
-    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config).float().eval()
 

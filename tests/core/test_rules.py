@@ -1,0 +1,155 @@
+"""Rules against independent references: the gradient write vs autograd w.r.t. S itself; In-Place TTT vs a plain
+re-implementation of the paper's formula; the Hebbian error target vs its definition."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, tiny_model, tokens
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+import adapt_runtime as ar
+
+
+def forward_with_delta(model, ids, deltas, records=None):
+    """Run ``model`` with ``down_proj(x) + x @ deltas[i]^T`` on each layer, by hooks; record inputs if asked."""
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        def hook(module, args, out, i=i):
+            if records is not None:
+                records.setdefault("x", {})[i] = args[0][0]
+            return out + args[0] @ deltas[i].T
+
+        handles.append(layer.mlp.down_proj.register_forward_hook(hook))
+        if records is not None:
+            handles.append(layer.mlp.register_forward_pre_hook(
+                lambda m, args, i=i: records.setdefault("h", {}).__setitem__(i, args[0][0])))
+    try:
+        return model(ids[None]).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("start", ["zero", "nonzero"])
+def test_gradient_write_matches_autograd_wrt_S(start):
+    C, lr = 8, 0.7
+    model = tiny_model()
+    ids = tokens(C + 1)
+    d, f = model.model.layers[0].mlp.down_proj.weight.shape
+    torch.manual_seed(3)
+    init = [torch.zeros(d, f) if start == "zero" else 0.05 * torch.randn(d, f) for _ in range(3)]
+    # brute force: L(S) = summed next-token CE of the chunk; the write is -lr / (C * mean||x||^2) * dL/dS
+    deltas = [s.clone().requires_grad_(True) for s in init]
+    records = {}
+    logits = forward_with_delta(model, ids[:C], deltas, records)
+    loss = F.cross_entropy(logits, ids[1 : C + 1], reduction="sum")
+    grads = torch.autograd.grad(loss, deltas)
+    mean_sq = torch.stack([records["x"][i].detach().pow(2).sum(-1).mean() for i in range(3)]).mean()
+    expected = [s - lr / (C * mean_sq) * g for s, g in zip(init, grads)]
+
+    rt = ar.patch(model, rule="gradient", chunk_size=C, lr=lr)
+    state = rt.new_state()
+    if start == "nonzero":
+        for i in range(3):
+            state.S[i] = init[i].clone()
+    for feed in ([ids], [ids[:3], ids[3:]]):  # fast path (one call) and recompute (pieces)
+        fresh = state.clone()
+        for piece in feed:
+            rt.forward(piece, fresh)
+        assert fresh.writes == 1
+        for i in range(3):
+            torch.testing.assert_close(fresh.S[i], expected[i], atol=1e-6, rtol=1e-4)
+
+
+def make_ttt_checkpoint(folder, chunk=6, ttt_lr=0.5, target="hidden_states"):
+    model = tiny_model()
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(ttt_layers=[0, 2], ttt_chunk=chunk, ttt_lr=ttt_lr, ttt_target=target)
+    (folder / "config.json").write_text(json.dumps(config))
+    d = model.config.hidden_size
+    torch.manual_seed(5)
+    weights = {}
+    for i in (0, 2):
+        weights[f"model.layers.{i}.mlp.ttt_conv.weight"] = torch.randn(d, 1, 5) * 0.3
+        weights[f"model.layers.{i}.mlp.ttt_proj.weight"] = torch.randn(d, d) * 0.2
+    save_file(weights, str(folder / "ttt.safetensors"))
+    return weights
+
+
+def paper_update(h, x, conv, proj, lr):
+    """dW = lr * V^T X with V = conv5(T) @ P, the conv within the chunk (zero outside), written as plain loops."""
+    n, d = h.shape
+    T = torch.zeros(n, d)
+    for t in range(n):
+        for j in range(-2, 3):
+            if 0 <= t + j < n:
+                T[t] += conv[:, 0, j + 2] * h[t + j]
+    V = T @ proj
+    return lr * V.T @ x
+
+
+def test_inplace_ttt_matches_the_papers_formula(tmp_path):
+    weights = make_ttt_checkpoint(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = tokens(13)
+    records = {}
+    zeros = [torch.zeros_like(layer.mlp.down_proj.weight) for layer in model.model.layers]
+    with torch.no_grad():
+        forward_with_delta(model, ids[:6], zeros, records)
+    rt = ar.patch(model, rule="inplace-ttt")
+    assert rt.config.layers == (0, 2) and rt.config.chunk_size == 6 and rt.config.lr == 0.5
+    state = rt.new_state()
+    rt.forward(ids[:7], state)
+    assert state.writes == 1
+    for i in (0, 2):
+        conv, proj = weights[f"model.layers.{i}.mlp.ttt_conv.weight"], weights[f"model.layers.{i}.mlp.ttt_proj.weight"]
+        expected = paper_update(records["h"][i], records["x"][i], conv, proj, 0.5)
+        torch.testing.assert_close(state.S[i], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_inplace_ttt_needs_a_checkpoint(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="In-Place TTT checkpoint"):
+        ar.patch(model, rule="inplace-ttt")
+    assert not any(type(m).__name__ == "PlasticDown" for m in model.modules())
+
+
+def test_hebbian_error_target_is_the_definition():
+    model = tiny_model()
+    rt = ar.patch(model, rule="hebbian", chunk_size=4, topk=0, norm_gain=False)
+    logits = torch.randn(3, VOCAB)
+    labels = torch.tensor([5, 9, 1])
+    U = model.get_output_embeddings().weight.detach()
+    expected = (F.one_hot(labels, VOCAB).float() - logits.softmax(-1)) @ U
+    v, nll = rt.rule._targets(logits, labels)
+    torch.testing.assert_close(v, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nll, F.cross_entropy(logits, labels, reduction="none"))
+
+
+def test_topk_error_target_is_close_to_exact():
+    model = tiny_model()
+    exact = ar.patch(model, rule="hebbian", topk=0).rule
+    logits = torch.randn(4, VOCAB) * 6  # peaked
+    labels = torch.tensor([1, 2, 3, 4])
+    approx = ar.patch(tiny_model(), rule="hebbian", topk=32).rule
+    v_exact, _ = exact._targets(logits, labels)
+    v_top, _ = approx._targets(logits, labels)
+    assert (v_top - v_exact).norm() < 0.05 * v_exact.norm()
+
+
+@pytest.mark.parametrize("bad", [{"target": "psychic"}, {"modulation": "loud"}, {"topk": -1}, {"colour": 1}])
+def test_bad_rule_options_are_clear(bad):
+    with pytest.raises(ValueError):
+        ar.patch(tiny_model(), rule="hebbian", **bad)
+
+
+def test_unknown_rule_lists_the_rules():
+    with pytest.raises(ValueError, match="hebbian"):
+        ar.patch(tiny_model(), rule="telepathy")
