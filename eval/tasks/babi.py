@@ -19,6 +19,8 @@ from adapt_runtime.eval.tasks.base import Measures, TaskSpec, pick, query_measur
 from adapt_runtime.eval.text_source import read_text
 
 _LINE = re.compile(r"^(\d+) (.*)$")
+# question<TAB>answer<TAB>support; some copies have "|" for the tabs
+_QUESTION = re.compile(r"^(.*?)\s*[\t|]\s*([^\t|]+?)\s*[\t|]\s*[\d ]*$")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,8 @@ class Story:
 
 
 def parse_babi(text: str, source: str) -> list[Story]:
-    """Stories of a bAbI file: `ID text` lines, questions as `ID question<TAB>answer<TAB>support`."""
+    """Stories of a bAbI file: `ID text` lines, questions as `ID question<TAB>answer<TAB>support`
+    (or with `|` for the tabs)."""
     stories: list[list[tuple[str, str | None]]] = []
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
@@ -38,9 +41,9 @@ def parse_babi(text: str, source: str) -> list[Story]:
         idx, body = int(m.group(1)), m.group(2)
         if idx == 1 or not stories:
             stories.append([])
-        if "\t" in body:
-            q, a = body.split("\t")[:2]
-            stories[-1].append((q.strip(), a.strip()))
+        q = _QUESTION.match(body)
+        if q:
+            stories[-1].append((q.group(1).strip(), q.group(2).strip()))
         else:
             stories[-1].append((body.strip(), None))
     return [Story(tuple(s)) for s in stories if any(a for _, a in s)]

@@ -32,11 +32,11 @@ class SessionMemory:
         bos = [] if spec.bos_id is None else [spec.bos_id]
         for ctx_len in pick(spec.ctx_lens, [min(256, spec.max_length)]):
             pool = windows(spec, self.name, ctx_len, 2 * spec.episodes)
-            half = len(pool) // 2
-            if half < 1:
+            if len(pool) < 2:
                 raise ValueError(f"{self.name}: the text holds fewer than two windows of {ctx_len} tokens")
-            for i in range(min(spec.episodes, half)):
-                first, other = pool[i][1], pool[i + half][1]
+            for i in range(min(spec.episodes, len(pool) // 2)):
+                # neighbours in corpus order, so seen and unseen come from the same part of the source
+                first, other = pool[2 * i][1], pool[2 * i + 1][1]
                 for variant, second in zip(VARIANTS, (first, other)):
                     t1, t2 = bos + first, bos + second
                     n1 = len(t1)
