@@ -158,7 +158,7 @@ def run(args) -> dict:
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
     scale = 1 if cuda else args.cpu_scale
-    roof = probes(device, args.copy_mib if cuda else min(args.copy_mib, 256), 8192 if cuda else 1024, args.reps)
+    roof = probes(device, args.copy_mib if cuda else min(args.copy_mib, 256), 8192 if cuda else 2048, args.reps)
     peak = roof["matmul_bf16_TFLOPs"] if args.state_dtype != "float32" or cuda else roof["matmul_fp32_TFLOPs"]
     rows: list[Row] = []
     for op, model, d, f, size, nbytes, flops, fns in cases(args, device, scale):

@@ -13,6 +13,7 @@ f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 CPU_CASES = [
     Case(5, 1, 40, 72, 1, f32),  # decode
     Case(3, 1, 40, 72, 1, f16),
+    Case(3, 1, 130, 520, 1, f32),  # slots large enough for the torch path's per-row loop
     Case(2, 7, 40, 72, 7, f32),  # prefill, one segment per session
     Case(3, 63, 40, 72, 32, f16),  # two segments per session, interleaved
     Case(1, 63, 24, 200, 63, f32),
