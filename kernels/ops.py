@@ -20,15 +20,21 @@ ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _resolve(impl: str, state: Tensor, *activations: Tensor) -> str:
-    """Pick ``torch`` or ``triton``: ``auto`` means Triton on CUDA for supported dtypes, torch otherwise."""
+    """Pick ``torch`` or ``triton``: ``auto`` means Triton on CUDA for supported dtypes, torch otherwise.
+
+    The Triton kernels have no backward, so ``auto`` also takes torch while autograd records through an input.
+    """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if impl == "torch":
         return "torch"
     supported = state.dtype in STATE_DTYPES and all(t.dtype in ACTIVATION_DTYPES for t in activations)
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (state, *activations))
     if impl == "auto":
         cuda = state.device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        return "triton" if cuda and supported else "torch"
+        return "triton" if cuda and supported and not recording else "torch"
+    if recording:
+        raise RuntimeError("impl='triton' has no backward; use impl='torch' (or 'auto') under autograd")
     if not supported:
         raise TypeError(f"impl='triton' supports state {STATE_DTYPES} and activations {ACTIVATION_DTYPES}, "
                         f"got {state.dtype} and {[t.dtype for t in activations]}")

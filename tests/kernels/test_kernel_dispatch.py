@@ -88,3 +88,15 @@ def test_interpreter_is_active() -> None:
     from adapt_runtime.kernels import triton_launch
 
     assert triton_launch.interpreting(), "triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET"
+
+
+def test_triton_refuses_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels write in place behind autograd's back; under autograd only the torch path may run."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    y, x, S = _decode()
+    x.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="no backward"):
+        apply(y.clone(), x, S, torch.tensor([0, 1]), impl="triton")
+    out = apply(y.clone(), x, S, torch.tensor([0, 1]), impl="auto")
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, S[[0, 1]].sum(1))
