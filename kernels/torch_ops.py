@@ -53,18 +53,18 @@ def write_torch(
     decay: float = 1.0,
     max_norm: Tensor | None = None,
 ) -> Tensor:
-    norms = write_norms(V, X, beta)
-    scales = write_scales(norms, max_norm)
-    finite = torch.isfinite(norms)
     v = V.float() if beta is None else V.float() * beta.float().unsqueeze(-1)
-    v = v * scales[:, None, None]
-    update = torch.bmm(v.transpose(1, 2), X.float())  # [R, d, f]
-    for r, slot in enumerate(slots.tolist()):
-        if bool(finite[r]):
+    update = torch.bmm(v.transpose(1, 2), X.float())  # [R, d, f], unclipped
+    # the update is formed anyway, so its norm costs one read (the Gram form costs C^2 (d + f) FLOPs)
+    norms = torch.linalg.vector_norm(update, dim=(1, 2))
+    update.mul_(write_scales(norms, max_norm)[:, None, None])
+    for r, (slot, finite) in enumerate(zip(slots.tolist(), torch.isfinite(norms).tolist())):
+        if finite:
             target = S[slot]
-            if decay != 1.0:
-                target.mul_(decay)
-            target.add_(update[r].to(S.dtype))
+            if target.dtype == torch.float32:
+                target.mul_(decay).add_(update[r])
+            else:  # one rounding to the state's dtype
+                target.copy_(target.float().mul_(decay).add_(update[r]))
     return norms
 
 
