@@ -71,6 +71,9 @@ def _seconds(value: str) -> float:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Model weight dtype; default: the checkpoint's own. Fast weights stay float32.")
 @click.option("--device", default=None, help="Torch device, e.g. cpu or cuda:0; default cpu.")
+@click.option("--threads", type=int, default=None,
+              help="Torch CPU threads; default: torch's own. Small models decode fastest with 1 (extra threads "
+                   "mostly spin, and starve when the machine is shared).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Server log verbosity.")
 def main(api_keys: tuple[str, ...], api_key_file: Path | None, rule_config: str | None,

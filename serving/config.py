@@ -31,6 +31,7 @@ class ServerConfig:
     chat_template: str | None = None
     dtype: str | None = None
     device: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -41,6 +42,8 @@ class ServerConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.session_ttl <= 0:
             raise ValueError(f"session_ttl: must be > 0 seconds, got {self.session_ttl}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"threads: must be > 0, got {self.threads}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len: must be > 0, got {self.max_model_len}")
         if not 0 <= self.port <= 65535:

@@ -25,7 +25,8 @@ class Engine:
         self.max_len = min(runtime.max_length, max_model_len or runtime.max_length)
         self.vocab_size = runtime.vocab_size
         self.eos_ids = _eos_ids(runtime, tokenizer)
-        self.scheduler = Scheduler(runtime, self.detok, self.max_len, on_step)
+        self.scheduler = Scheduler(runtime, self.detok, self.max_len, on_step, post=self._post)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def close(self) -> None:
         self.scheduler.close()
@@ -77,9 +78,9 @@ class Engine:
 
     async def run(self, job: Job) -> AsyncIterator[Event]:
         """Submit ``job`` and yield its events up to ``Done`` or ``Failed``; leaving early cancels it."""
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Event] = asyncio.Queue()
-        job.emit = lambda event: loop.call_soon_threadsafe(inbox.put_nowait, event)
+        job.emit = inbox.put_nowait
         self.scheduler.submit(job)
         try:
             while True:
@@ -89,6 +90,17 @@ class Engine:
                     return
         finally:
             job.cancelled.set()
+
+
+    def _post(self, batch: list[tuple[Job, Event]]) -> None:
+        """From the model thread: deliver a step's events on the event loop in one wake-up."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[Job, Event]]) -> None:
+    for job, event in batch:
+        job.emit(event)
 
 
 def _eos_ids(runtime: Any, tokenizer: Any) -> tuple[int, ...]:

@@ -184,21 +184,20 @@ async def _sse(gen: Generation, parts: AsyncIterator[dict], first: dict | None,
     include = options.include_usage or options.continuous_usage_stats
     outcome = "disconnected"
     try:
-        sent_first = False
-        pending = [first] if first is not None else []
-        while True:
-            for part in pending:
-                chunk = {**gen.header(gen.fmt.chunk_object), "choices": [part]}
-                if not sent_first and gen.turn.session is not None:
-                    chunk["session_id"] = gen.turn.session_id
-                if include:
-                    chunk["usage"] = gen.usage() if options.continuous_usage_stats else None
-                sent_first = True
-                yield _frame(chunk)
-            try:
-                pending = [await parts.__anext__()]
-            except StopAsyncIteration:
-                break
+        head = json.dumps(gen.header(gen.fmt.chunk_object), ensure_ascii=False)[:-1]
+        if first is not None:
+            chunk = {**gen.header(gen.fmt.chunk_object), "choices": [first]}
+            if gen.turn.session is not None:
+                chunk["session_id"] = gen.turn.session_id
+            if include:
+                chunk["usage"] = gen.usage() if options.continuous_usage_stats else None
+            yield _frame(chunk)
+        async for part in parts:
+            # the chunk header is fixed for the whole stream: serialise it once, splice each choice in
+            body = json.dumps(part, ensure_ascii=False)
+            usage = json.dumps(gen.usage()) if options.continuous_usage_stats else "null"
+            end = f', "usage": {usage}}}' if include else "}"
+            yield f'data: {head}, "choices": [{body}]{end}\n\n'.encode()
         if options.include_usage:
             yield _frame({**gen.header(gen.fmt.chunk_object), "choices": [], "usage": gen.usage(), **gen.extras()})
         outcome = "ok"

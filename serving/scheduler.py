@@ -7,8 +7,10 @@ on are fed in one batched ``rt.forward(ids [B, 1], [state_1 .. state_B])``. Each
 in two calls, since ``adapt`` is per call.
 
 As in ``rt.generate``, the last token of a row is never fed: it becomes the first token of the next input.
-Events go back to the request through ``Job.emit`` (thread-safe); the request commits or discards the states
-after ``Done``, so the scheduler never decides what is kept.
+Events are collected during a step and handed over in one batch through ``post`` (one wake-up of the event
+loop per step, not one per token), then reach each request through ``Job.emit``. The request commits or
+discards the states after ``Done``, so the scheduler never decides what is kept. Rows that sample with the
+same settings (no seed, no penalties) are sampled in one call.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 from adapt_runtime.serving.detokenize import Detokenizer, TextStream
 from adapt_runtime.serving.events import Done, Event, Failed, Finished, PromptScored, Token
 from adapt_runtime.serving.sampling import SamplingParams, sample_token, top_logprobs
+
+import adapt_runtime as ar
 
 log = logging.getLogger("adapt_serve")
 
@@ -72,8 +76,11 @@ class Scheduler:
     """Owns the model thread. ``submit`` a Job; ``close`` stops the thread after the current step."""
 
     def __init__(self, runtime: Any, detok: Detokenizer, max_len: int,
-                 on_step: Callable[[int, float], None] | None = None) -> None:
+                 on_step: Callable[[int, float], None] | None = None,
+                 post: Callable[[list[tuple[Job, Event]]], None] | None = None) -> None:
         self.rt = runtime
+        self.post = post or _deliver
+        self._outbox: list[tuple[Job, Event]] = []
         self.detok = detok
         self.max_len = max_len
         self.on_step = on_step
@@ -105,12 +112,22 @@ class Scheduler:
                 job = None
             while job is not None:
                 self._admit(job)
+                self._flush()
                 try:
                     job = self._inbox.get_nowait()
                 except queue.Empty:
                     job = None
             if self._rows:
                 self._step()
+                self._flush()
+
+    def _emit(self, job: Job, event: Event) -> None:
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self.post(batch)
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -119,7 +136,7 @@ class Scheduler:
             rows = []
             for p_index, prompt in enumerate(job.prompts):
                 logits, scores = self._read(prompt, job)
-                job.emit(PromptScored(p_index, len(prompt.tokens), scores))
+                self._emit(job, PromptScored(p_index, len(prompt.tokens), scores))
                 gen = job.params.generator()
                 anchor = self.detok.anchor(prompt.tokens)
                 for j in range(job.n):
@@ -128,12 +145,12 @@ class Scheduler:
                     text = TextStream(self.detok, anchor, job.params.stop)
                     rows.append(Row(job, p_index * job.n + j, state, text, logits, gen))
         except Exception as exc:  # noqa: BLE001 - reported to the request, which rolls back
-            job.emit(Failed(exc))
+            self._emit(job, Failed(exc))
             return
         if job.params.max_tokens == 0:
             for row in rows:
-                job.emit(Finished(row.index, "length", 0))
-            job.emit(Done())
+                self._emit(job, Finished(row.index, "length", 0))
+            self._emit(job, Done())
             return
         job.live = len(rows)
         self._rows.extend(rows)
@@ -151,12 +168,12 @@ class Scheduler:
 
     def _step(self) -> None:
         started = time.perf_counter()
+        for row in [r for r in self._rows if r.job.cancelled.is_set()]:
+            self._rows.remove(row)
         feed: list[tuple[Row, int]] = []
-        for row in list(self._rows):
-            if row.job.cancelled.is_set():
-                self._rows.remove(row)
-                continue
-            token, reason = self._sample(row)
+        rows = list(self._rows)
+        for row, token in zip(rows, self._sample_all(rows)):
+            reason = self._account(row, token)
             if reason is None:
                 feed.append((row, token))
             else:
@@ -168,9 +185,25 @@ class Scheduler:
         if self.on_step is not None and feed:
             self.on_step(len(feed), time.perf_counter() - started)
 
-    def _sample(self, row: Row) -> tuple[int, str | None]:
+    def _sample_all(self, rows: list[Row]) -> list[int]:
+        """A token per row; rows with plain settings and the same temperature/top-p/top-k share one call."""
+        tokens: dict[int, int] = {}
+        groups: dict[tuple[float, float, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            p = row.job.params
+            if row.generator is None and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+                groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(i)
+            else:
+                tokens[i] = sample_token(row.logits, row.generated, p, row.generator)
+        for (temperature, top_p, top_k), members in groups.items():
+            logits = torch.stack([rows[i].logits for i in members])
+            drawn = ar.sample(logits, temperature, top_p, max(top_k, 0)).tolist()
+            tokens.update(zip(members, drawn))
+        return [int(tokens[i]) for i in range(len(rows))]
+
+    def _account(self, row: Row, token: int) -> str | None:
+        """Record ``token`` for ``row``, emit it, and say why the row ends (None: it goes on)."""
         params = row.job.params
-        token = sample_token(row.logits, row.generated, params, row.generator)
         row.generated.append(token)
         logprob, top = 0.0, []
         if params.logprobs is not None:
@@ -185,16 +218,16 @@ class Scheduler:
                 reason = "stop"
             elif len(row.generated) >= params.max_tokens or row.state.kv_len + 1 > self.max_len:
                 reason, text = "length", text + row.text.flush()
-        row.job.emit(Token(row.index, token, text, logprob, top))
-        return token, reason
+        self._emit(row.job, Token(row.index, token, text, logprob, top))
+        return reason
 
     def _finish(self, row: Row, reason: str) -> None:
         self._rows.remove(row)
         job = row.job
-        job.emit(Finished(row.index, reason, len(row.generated)))
+        self._emit(job, Finished(row.index, reason, len(row.generated)))
         job.live -= 1
         if job.live == 0:
-            job.emit(Done())
+            self._emit(job, Done())
 
     def _feed(self, group: list[tuple[Row, int]], adapt: bool) -> None:
         ids = torch.tensor([[tok] for _, tok in group], dtype=torch.long)
@@ -204,11 +237,16 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - every job in the failed batch is told and rolls back
             log.exception("decode step failed")
             for job in {id(row.job): row.job for row, _ in group}.values():
-                job.emit(Failed(exc))
+                self._emit(job, Failed(exc))
                 job.cancelled.set()
             return
         for i, (row, _) in enumerate(group):
             row.logits = logits[i, -1].float()
+
+
+def _deliver(batch: list[tuple[Job, Event]]) -> None:
+    for job, event in batch:
+        job.emit(event)
 
 
 def _prompt_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list:

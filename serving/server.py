@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from adapt_runtime.serving.app import build_app
 from adapt_runtime.serving.chat_template import ChatTemplate
 from adapt_runtime.serving.config import ServerConfig
@@ -24,6 +25,8 @@ log = logging.getLogger("adapt_serve")
 
 def create_context(config: ServerConfig) -> ServerContext:
     """Load the model, patch it with the rule, and open the session store (restoring persisted sessions)."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     model, tokenizer = ar.load_model(config.model, dtype=config.dtype, device=config.device)
     runtime = ar.patch(model, rule=config.rule, **config.rule_config)
     metrics = Metrics()

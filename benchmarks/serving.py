@@ -1,0 +1,277 @@
+"""Serving benchmark: TTFT, inter-token latency and tokens/s of adapt-serve under 1, 8 and 32 concurrent
+streaming sessions, for a plastic rule and for ``--rule none``, then a bounded soak (many clients, many turns)
+that must end with zero errors and flat server memory.
+
+    python benchmarks/serving.py                      # hebbian vs none, 1/8/32 sessions, 60 s soak
+    python benchmarks/serving.py --soak-seconds 10 --max-tokens 32 --out runs/serving.json
+
+Each measurement starts real ``adapt-serve`` processes on free loopback ports; every client owns a session and
+streams completions through it (so the plastic rows write their own fast weights while decoding). The target on
+CPU is an aggregate tokens/s at 8 sessions of at least 3x the single-session figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+KEY = "bench-key"
+PROMPTS = ["Once upon a time, there was a little", "Tom and his sister went to the park to",
+           "The cat saw a big red ball and", "One day, a bird flew over the tall"]
+
+
+@dataclass
+class RequestStats:
+    ttft: float
+    gaps: list[float]
+    tokens: int
+
+
+@dataclass
+class Row:
+    rule: str
+    sessions: int
+    requests: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p90_ms: float
+    itl_p50_ms: float
+    itl_p90_ms: float
+    errors: int
+
+
+@dataclass
+class Soak:
+    rule: str
+    clients: int
+    seconds: float
+    requests: int
+    tokens: int
+    errors: int
+    rss_start_mb: float
+    rss_end_mb: float
+    rss_max_mb: float
+    rss_samples_mb: list[float] = field(default_factory=list)
+
+
+class ServerProcess:
+    def __init__(self, rule: str, model: str, threads: int, log_path: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "adapt_runtime.serving.cli", "--model", model, "--rule", rule,
+               "--port", str(self.port), "--api-key", KEY, "--log-level", "warning",
+               "--max-concurrent-requests", "256", "--threads", str(threads)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"adapt-serve exited early; see {log_path}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("adapt-serve did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+async def stream_once(http: httpx.AsyncClient, sid: str, prompt: str, max_tokens: int) -> RequestStats:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    async with http.stream("POST", "/v1/completions", json=body, headers={"X-Session-ID": sid}) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:
+                stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return RequestStats(stamps[0] - start if stamps else float("nan"), gaps, len(stamps))
+
+
+async def new_session(http: httpx.AsyncClient) -> str:
+    response = await http.post("/v1/sessions")
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def measure(server: ServerProcess, rule: str, sessions: int, turns: int, max_tokens: int) -> Row:
+    limits = httpx.Limits(max_connections=sessions + 4)
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+                                 timeout=600, limits=limits) as http:
+        sids = [await new_session(http) for _ in range(sessions)]
+        await asyncio.gather(*(stream_once(http, s, PROMPTS[0], 4) for s in sids))  # warm-up turn
+
+        async def client(i: int) -> list[RequestStats | Exception]:
+            out: list[RequestStats | Exception] = []
+            for t in range(turns):
+                try:
+                    out.append(await stream_once(http, sids[i], PROMPTS[(i + t) % len(PROMPTS)], max_tokens))
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    out.append(exc)
+            return out
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(client(i) for i in range(sessions))) for r in rs]
+        seconds = time.perf_counter() - start
+        for sid in sids:
+            await http.delete(f"/v1/sessions/{sid}")
+    ok = [r for r in results if isinstance(r, RequestStats)]
+    tokens = sum(r.tokens for r in ok)
+    gaps = [g for r in ok for g in r.gaps]
+    ttfts = [r.ttft for r in ok]
+    return Row(rule, sessions, len(results), tokens, round(seconds, 2), round(tokens / seconds, 1),
+               round(_pct(ttfts, 0.5), 1), round(_pct(ttfts, 0.9), 1), round(_pct(gaps, 0.5), 1),
+               round(_pct(gaps, 0.9), 1), len(results) - len(ok))
+
+
+async def soak(server: ServerProcess, rule: str, clients: int, seconds: float, max_tokens: int) -> Soak:
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+                                 timeout=600, limits=limits) as http:
+        sids = [await new_session(http) for _ in range(clients)]
+        counts = {"requests": 0, "tokens": 0, "errors": 0}
+        deadline = time.monotonic() + seconds
+
+        async def client(i: int) -> None:
+            turn = 0
+            while time.monotonic() < deadline:
+                try:
+                    stats = await stream_once(http, sids[i], PROMPTS[(i + turn) % len(PROMPTS)], max_tokens)
+                    counts["tokens"] += stats.tokens
+                except (RuntimeError, httpx.HTTPError):
+                    counts["errors"] += 1
+                counts["requests"] += 1
+                turn += 1
+
+        samples: list[float] = []
+
+        async def sample() -> None:
+            bar = tqdm(total=int(seconds), desc=f"soak {rule}", unit="s", leave=False)
+            while time.monotonic() < deadline:
+                samples.append(round(server.rss_mb(), 1))
+                await asyncio.sleep(1)
+                bar.update(1)
+            bar.close()
+
+        await asyncio.gather(sample(), *(client(i) for i in range(clients)))
+        samples.append(round(server.rss_mb(), 1))
+    warm = samples[min(len(samples) - 1, max(1, len(samples) // 6))]
+    return Soak(rule, clients, seconds, counts["requests"], counts["tokens"], counts["errors"], warm,
+                samples[-1], max(samples), samples)
+
+
+def _table(rows: list[Row]) -> str:
+    head = ("| rule | sessions | tokens/s | x single | TTFT p50 / p90 ms | ITL p50 / p90 ms | requests | errors |\n"
+            "|---|---|---|---|---|---|---|---|")
+    single = {r.rule: r.tokens_per_s for r in rows if r.sessions == 1}
+    lines = [head]
+    for r in rows:
+        ratio = r.tokens_per_s / single[r.rule] if single.get(r.rule) else float("nan")
+        lines.append(f"| {r.rule} | {r.sessions} | {r.tokens_per_s:.1f} | {ratio:.2f} | "
+                     f"{r.ttft_p50_ms:.0f} / {r.ttft_p90_ms:.0f} | {r.itl_p50_ms:.1f} / {r.itl_p90_ms:.1f} | "
+                     f"{r.requests} | {r.errors} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama", help="model to serve (default: the bundled stories260K)")
+    parser.add_argument("--rules", default="hebbian,none", help="comma list of rules to compare")
+    parser.add_argument("--sessions", default="1,8,32", help="comma list of concurrent session counts")
+    parser.add_argument("--turns", type=int, default=2, help="streamed turns per session per measurement")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per turn")
+    parser.add_argument("--soak-seconds", type=float, default=60.0, help="soak duration (0 skips the soak)")
+    parser.add_argument("--soak-clients", type=int, default=32, help="concurrent clients in the soak")
+    parser.add_argument("--soak-rule", default=None, help="rule for the soak (default: the first of --rules)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the server (1: fastest for the bundled model, see the README)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    rules = [r for r in args.rules.split(",") if r]
+    counts = [int(c) for c in args.sessions.split(",") if c]
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "adapt-serve-bench.log"
+    rows: list[Row] = []
+    soak_result = None
+    with tqdm(total=len(rules) * len(counts), desc="measurements") as bar:
+        for rule in rules:
+            server = ServerProcess(rule, args.model, args.threads, log_path)
+            try:
+                for n in counts:
+                    rows.append(asyncio.run(measure(server, rule, n, args.turns, args.max_tokens)))
+                    bar.update(1)
+                if args.soak_seconds > 0 and rule == (args.soak_rule or rules[0]):
+                    soak_result = asyncio.run(soak(server, rule, args.soak_clients, args.soak_seconds,
+                                                   args.max_tokens))
+            finally:
+                server.stop()
+    print(f"\nadapt-serve, model {args.model}, {args.max_tokens} tokens per turn, {args.turns} turns per "
+          f"session, {os.cpu_count()} CPUs\n")
+    print(_table(rows))
+    verdict = 0
+    for rule in rules:
+        by = {r.sessions: r.tokens_per_s for r in rows if r.rule == rule}
+        if 1 in by and 8 in by:
+            ratio = by[8] / by[1]
+            print(f"\n{rule}: 8 sessions give {ratio:.2f}x the single-session tokens/s (target >= 3x)")
+    if soak_result is not None:
+        s = soak_result
+        growth = s.rss_end_mb - s.rss_start_mb
+        print(f"\nsoak ({s.rule}): {s.clients} clients, {s.seconds:.0f} s, {s.requests} requests, {s.tokens} "
+              f"tokens, {s.errors} errors; RSS {s.rss_start_mb:.0f} MB after warm-up -> {s.rss_end_mb:.0f} MB "
+              f"at the end (max {s.rss_max_mb:.0f} MB, growth {growth:+.0f} MB)")
+        verdict = int(s.errors > 0)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"rows": [asdict(r) for r in rows], "soak": asdict(soak_result) if soak_result else None}
+        args.out.write_text(json.dumps(payload, indent=2))
+    return verdict
+
+
+if __name__ == "__main__":
+    sys.exit(main())
