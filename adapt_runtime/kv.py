@@ -28,7 +28,10 @@ def assemble(states: list[FastWeights], config, steps: int, device: torch.device
     stored = [0 if not s.kv else int(s.kv[0][0].shape[-2]) for s in states]
     width = max(lengths)
     cache = DynamicCache(config=config)
-    if width:
+    if width and len(states) == 1:
+        for i, (k, v) in enumerate(states[0].kv):
+            cache.update(k, v, i)
+    elif width:
         n_layers = max(len(s.kv) for s in states if s.kv)
         for i in range(n_layers):
             keys, values = [], []

@@ -214,21 +214,29 @@ class Runtime:
     def _apply_writes(self, s: FastWeights, writes: list[Write]) -> None:
         if not writes:
             return
-        norms = [kernels.torch_ops.write_norms(w.V[None], w.X[None], w.beta[None])[0] for w in writes]
-        if not all(bool(torch.isfinite(n)) for n in norms):
-            s.refused_writes += 1
-            log.warning("refused a non-finite fast-weight write (chunk %d); the state is unchanged", s.pending.chunk)
+        finite = torch.stack([torch.isfinite(t).all() for w in writes for t in (w.V, w.X, w.beta)]).all()
+        if not bool(finite):
+            self._refuse(s)
             return
         slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        refused = False
         for w in writes:
             bound = None
             if self.config.clip is not None:
                 bound = torch.tensor([self.config.clip * self._w0_norm[w.layer]], device=self.device)
             S = s.delta(w.layer, create=True)
-            kernels.write(S[None], slot, w.V[None].float(), w.X[None].float(), w.beta[None].float(),
-                          self.config.decay, bound)
-        s.writes += 1
+            norm = kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], self.config.decay, bound)
+            refused = refused or not bool(torch.isfinite(norm).all())  # overflow: that layer was left unchanged
+        if refused:
+            self._refuse(s)
+        else:
+            s.writes += 1
         s.bump()
+
+    @staticmethod
+    def _refuse(s: FastWeights) -> None:
+        s.refused_writes += 1
+        log.warning("refused a non-finite fast-weight write (chunk %d); the state is unchanged", s.pending.chunk)
 
     def recompute_chunk(self, s: FastWeights) -> ChunkGraph:
         """The pending chunk's forward again, with grad, on the KV prefix before it and the same S."""

@@ -1,0 +1,104 @@
+"""Speed of plastic vs static inference, ratios side by side in one run.
+
+    python benchmarks/speed.py            # prefill 2048 tokens (chunk 256) and decode, on a random-init Llama
+                                          # (hidden 512, 8 layers, intermediate 1536, vocab 32000)
+
+Static is the same model unpatched (HF forward with a KV cache); plastic is ``rt.forward`` with each rule at its
+defaults except the chunk size. Decode is greedy, one token per step, after a short prompt. Also prints the bytes
+of one session's fast weights (float32) for the down_proj shapes of Llama-3.2-1B and Llama-3-8B, all layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import adapt_runtime as ar
+
+SHAPES = {"Llama-3.2-1B": (16, 2048, 8192), "Llama-3-8B": (32, 4096, 14336)}  # layers, d, f
+
+
+def build(seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=512, num_hidden_layers=8, intermediate_size=1536, vocab_size=32000,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def static_prefill(model, ids):
+    with torch.no_grad():
+        model(ids[None], past_key_values=DynamicCache(config=model.config), use_cache=True)
+
+
+def static_decode(model, prompt, steps):
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        logits = model(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1]
+        for _ in range(steps):
+            tok = logits.argmax().view(1, 1)
+            logits = model(tok, past_key_values=cache, use_cache=True).logits[0, -1]
+
+
+def plastic_decode(rt, prompt, steps):
+    state = rt.new_state()
+    for _ in rt.generate(prompt, state, max_new_tokens=steps + 1):
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048, help="prefill length (default 2048)")
+    parser.add_argument("--chunk", type=int, default=256, help="chunk size (default 256)")
+    parser.add_argument("--decode", type=int, default=256, help="decode steps (default 256)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    ids = torch.randint(0, 32000, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    prompt = ids[:16]
+    model = build()
+    rows = {"static": {"prefill_s": timed(lambda: static_prefill(model, ids), args.repeats),
+                       "decode_s": timed(lambda: static_decode(model, prompt, args.decode), args.repeats)}}
+    for rule in ("hebbian", "gradient"):
+        rt = ar.patch(model, rule=rule, chunk_size=args.chunk)
+        rows[rule] = {"prefill_s": timed(lambda rt=rt: rt.forward(ids, rt.new_state()), args.repeats),
+                      "decode_s": timed(lambda rt=rt: plastic_decode(rt, prompt, args.decode), args.repeats)}
+        rt.unpatch()
+    base = rows["static"]
+    print(f"threads={torch.get_num_threads()}  prefill {args.tokens} tokens, chunk {args.chunk}; decode {args.decode}")
+    print(f"{'':10} {'prefill tok/s':>14} {'x static':>9} {'decode tok/s':>13} {'x static':>9}")
+    for name, r in rows.items():
+        r["prefill_tok_s"] = args.tokens / r["prefill_s"]
+        r["decode_tok_s"] = args.decode / r["decode_s"]
+        r["prefill_ratio"] = base["prefill_s"] / r["prefill_s"]
+        r["decode_ratio"] = base["decode_s"] / r["decode_s"]
+        print(f"{name:10} {r['prefill_tok_s']:>14.0f} {r['prefill_ratio']:>8.2f}x {r['decode_tok_s']:>13.1f} "
+              f"{r['decode_ratio']:>8.2f}x")
+    print("\nfast-weight state per session (float32, every layer's down_proj):")
+    memory = {}
+    for name, (layers, d, f) in SHAPES.items():
+        memory[name] = layers * d * f * 4
+        print(f"  {name:14} {layers} x {d} x {f} -> {memory[name] / 2**30:.2f} GiB "
+              f"({memory[name] / layers / 2**20:.0f} MiB per layer)")
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows, "state_bytes": memory, "args": vars(args) | {"out": None}},
+                                       indent=1))
+
+
+if __name__ == "__main__":
+    main()
