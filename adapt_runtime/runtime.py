@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from adapt_runtime import kernels
-from adapt_runtime.architectures import ArchSpec, set_path
+from adapt_runtime.architectures import ArchSpec, get_path, set_path
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
 from adapt_runtime.kv import assemble, scatter
@@ -47,7 +47,17 @@ class Runtime:
         self.max_length = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
                               or 1 << 30)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._final_inv_rms: Tensor | None = None
+        if rule.reads_final_norm:
+            norm = get_path(model, spec.final_norm)
+            self._hooks.append(norm.register_forward_pre_hook(self._read_final_norm))
         self.patched = True
+
+    def _read_final_norm(self, module: nn.Module, args: tuple) -> None:
+        r = args[0].detach().float()
+        if isinstance(module, nn.LayerNorm):
+            r = r - r.mean(-1, keepdim=True)
+        self._final_inv_rms = torch.rsqrt(r.pow(2).mean(-1) + 1e-6)  # [B, T]
 
     def __repr__(self) -> str:
         c = self.config
@@ -197,7 +207,8 @@ class Runtime:
                 s.pending.add_rows(name, i, rows)
         labels = torch.full((n,), -1, dtype=torch.long, device=self.device)
         labels[: nxt.numel()] = nxt
-        self.rule.observe(self, s, Segment(records, logits.detach(), labels))
+        inv_rms = None if self._final_inv_rms is None else self._final_inv_rms.reshape(-1, n)[b]
+        self.rule.observe(self, s, Segment(records, logits.detach(), labels, inv_rms))
 
     def _fire_writes(self, states: list[FastWeights], next_tokens: Tensor, graphs: dict[int, ChunkGraph]) -> None:
         C = self.config.chunk_size

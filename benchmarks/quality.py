@@ -83,8 +83,8 @@ def sweep(tokenizer, count: int) -> list[dict]:
             continue
         run("hebbian", target=target, modulation=modulation, lr=lr)
     best = min((r for r in rows if r["rule"] == "hebbian"), key=lambda r: r["nll"])
-    for norm_gain in (False,):
-        run("hebbian", target=best["target"], modulation=best["modulation"], lr=best["lr"], norm_gain=norm_gain)
+    for norm_jacobian in (False,):
+        run("hebbian", target=best["target"], modulation=best["modulation"], lr=best["lr"], norm_jacobian=norm_jacobian)
     for decay, layers in itertools.product((1.0, 0.9), ("all", "last:2", "every:2")):
         run("hebbian", target=best["target"], modulation=best["modulation"], lr=best["lr"], decay=decay,
             layers=layers)

@@ -23,11 +23,14 @@ class Segment:
         records: per plastic layer, the captured tensors (``x`` `[n, f]`, ``y`` `[n, d]`, ``h`` `[n, d]`).
         logits: `[n, V]` logits of the segment's positions.
         labels: `[n]` next-token ids, -1 where the next token is not known yet (the last fed position).
+        final_inv_rms: `[n]` inverse RMS (LayerNorm: inverse std) of the residual entering the final norm, when
+            the rule asked for it with ``reads_final_norm``.
     """
 
     records: dict[int, dict[str, Tensor]]
     logits: Tensor
     labels: Tensor
+    final_inv_rms: Tensor | None = None
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Rule:
     name: ClassVar[str] = "base"
     capture: frozenset[str] = frozenset()
     needs_grad: ClassVar[bool] = False
+    reads_final_norm: bool = False
     writes: ClassVar[bool] = True
     default_lr: ClassVar[float] = 0.0
     default_chunk_size: ClassVar[int] = 32

@@ -25,35 +25,39 @@ class HebbianRule(Rule):
     unembedding U, ``U^T (onehot(x_{t+1}) - softmax(logits_t))`` (the ``U^T p`` term over the top-k of p, which is
     peaked); ``next_token`` is ``U[x_{t+1}]`` alone (In-Place TTT's Theorem-1 target); ``output`` is the layer's own
     output (Ba et al.'s reconstruction). Modulation ``m_t``: ``surprise`` scales by the token's NLL under the
-    current model relative to the chunk mean; ``none`` is 1. With ``norm_gain``, the unembedding-space targets are
-    scaled per channel by the final norm's gain (normalised to mean 1), the diagonal of the Jacobian the error
-    passes through on its way back to the residual stream.
+    current model relative to the chunk mean; ``none`` is 1. With ``norm_jacobian``, the unembedding-space targets
+    are scaled by the diagonal of the final norm's Jacobian, the path the error takes back to the residual stream:
+    per channel by the norm's gain, per token by ``1 / rms`` of the residual (each normalised to mean 1).
     """
 
     name = "hebbian"
     default_lr = 4.0
     default_chunk_size = 32
 
-    def __init__(self, target: str = "error", modulation: str = "none", topk: int = 32, norm_gain: bool = True) -> None:
+    def __init__(self, target: str = "error", modulation: str = "none", topk: int = 32,
+                 norm_jacobian: bool = True) -> None:
         if target not in TARGETS:
             raise ValueError(f"hebbian target must be one of {TARGETS}, got {target!r}")
         if modulation not in MODULATIONS:
             raise ValueError(f"hebbian modulation must be one of {MODULATIONS}, got {modulation!r}")
         if topk < 0:
             raise ValueError(f"topk must be >= 0 (0 = exact), got {topk}")
-        self.target, self.modulation, self.topk, self.norm_gain = target, modulation, int(topk), bool(norm_gain)
+        self.target, self.modulation, self.topk = target, modulation, int(topk)
+        self.norm_jacobian = bool(norm_jacobian)
+        self.reads_final_norm = self.norm_jacobian and target != "output"
         self.capture = frozenset({"x", "y"} if target == "output" else {"x"})
         self._unembed: Tensor | None = None
 
     def options(self) -> dict[str, Any]:
-        return {"target": self.target, "modulation": self.modulation, "topk": self.topk, "norm_gain": self.norm_gain}
+        return {"target": self.target, "modulation": self.modulation, "topk": self.topk,
+                "norm_jacobian": self.norm_jacobian}
 
     def bind(self, rt: Runtime) -> None:
         self._unembed = rt.model.get_output_embeddings().weight.detach()
         self._gain = None
         norm = get_path(rt.model, rt.arch.final_norm)
         weight = getattr(norm, "weight", None)
-        if self.norm_gain and weight is not None:
+        if self.reads_final_norm and weight is not None:
             gain = weight.detach().float()
             if type(norm).__name__.startswith("Gemma"):
                 gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
@@ -79,6 +83,7 @@ class HebbianRule(Rule):
         return v, nll
 
     def observe(self, rt: Runtime, state: FastWeights, segment: Segment) -> None:
+        self.observe_scale(state, segment)
         known = segment.labels >= 0
         if not bool(known.any()):
             return
@@ -87,6 +92,10 @@ class HebbianRule(Rule):
         if v is not None:
             state.pending.add_target("v", v)
         state.pending.add_target("nll", nll)
+
+    def observe_scale(self, state: FastWeights, segment: Segment) -> None:
+        if self.reads_final_norm and segment.final_inv_rms is not None:
+            state.pending.add_target("inv_rms", segment.final_inv_rms)
 
     def resolve(self, rt: Runtime, state: FastWeights, next_token: int) -> None:
         pending = state.pending
@@ -106,11 +115,16 @@ class HebbianRule(Rule):
             return []
         nll = pending.target("nll")
         m = nll / nll.mean().clamp_min(1e-6) if self.modulation == "surprise" else torch.ones_like(nll)
+        shared = pending.target("v")
+        inv_rms = pending.target("inv_rms")
+        if shared is not None and inv_rms is not None:
+            scale = inv_rms[:n_ok]
+            shared = shared * (scale / scale.mean().clamp_min(1e-12))[:, None]
         keys = {layer: pending.rows("x", layer)[:n_ok] for layer in state.spec.layers}
         beta = m * (rt.config.lr / key_scale(list(keys.values())))
         writes = []
         for layer, X in keys.items():
-            V = pending.rows("y", layer)[:n_ok] if self.target == "output" else pending.target("v")
+            V = pending.rows("y", layer)[:n_ok] if self.target == "output" else shared
             writes.append(Write(layer, V, X, beta))
         return writes
 

@@ -123,7 +123,7 @@ def test_inplace_ttt_needs_a_checkpoint(tmp_path):
 
 def test_hebbian_error_target_is_the_definition():
     model = tiny_model()
-    rt = ar.patch(model, rule="hebbian", chunk_size=4, topk=0, norm_gain=False)
+    rt = ar.patch(model, rule="hebbian", chunk_size=4, topk=0, norm_jacobian=False)
     logits = torch.randn(3, VOCAB)
     labels = torch.tensor([5, 9, 1])
     U = model.get_output_embeddings().weight.detach()
