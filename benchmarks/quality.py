@@ -77,11 +77,11 @@ def sweep(tokenizer, count: int) -> list[dict]:
 
     for lr in (0.4, 0.8, 1.2, 1.6, 2.4):
         run("gradient", lr=lr)
-    for target, modulation, lr in itertools.product(("error", "next_token", "output"), ("none", "surprise"),
-                                                    (0.5, 1.0, 2.0, 4.0, 6.0)):
-        if target != "error" and lr > 2.0:
-            continue
-        run("hebbian", target=target, modulation=modulation, lr=lr)
+    rates = {"error": (0.5, 1.0, 2.0, 3.0, 4.0, 6.0), "next_token": (0.05, 0.1, 0.25, 0.5),
+             "output": (0.05, 0.1, 0.25, 0.5)}
+    for target, modulation in itertools.product(rates, ("none", "surprise")):
+        for lr in rates[target]:
+            run("hebbian", target=target, modulation=modulation, lr=lr)
     best = min((r for r in rows if r["rule"] == "hebbian"), key=lambda r: r["nll"])
     for norm_jacobian in (False,):
         run("hebbian", target=best["target"], modulation=best["modulation"], lr=best["lr"], norm_jacobian=norm_jacobian)
