@@ -65,19 +65,20 @@ class HebbianRule(Rule):
 
     def _targets(self, logits: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor]:
         """Shared targets `[n, d]` (None for ``output``) and surprise `[n]` of positions with known labels."""
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        nll = -logp.gather(-1, labels[:, None]).squeeze(-1)
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1)  # [n]
+        nll = lse - logits.gather(-1, labels[:, None]).squeeze(-1)
         if self.target == "output":
             return None, nll
         U = self._unembed
         v = U[labels].float()
         if self.target == "error":
-            probs = logp.exp()
-            if 0 < self.topk < probs.shape[-1]:
-                top_p, top_i = probs.topk(self.topk, dim=-1)
+            if 0 < self.topk < logits.shape[-1]:
+                top_l, top_i = logits.topk(self.topk, dim=-1)  # the top-k of p are the top-k of the logits
+                top_p = (top_l - lse[:, None]).exp()
                 v = v - torch.einsum("nk,nkd->nd", top_p, U[top_i].float())
             else:
-                v = v - probs @ U.float()
+                v = v - (logits - lse[:, None]).exp() @ U.float()
         if self._gain is not None:
             v = v * self._gain
         return v, nll
