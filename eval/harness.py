@@ -56,9 +56,15 @@ def file_sha256(path: Path) -> str:
 
 
 def _needed(ep: Episode) -> int:
-    """Attention positions the longest turn needs, counting a multiple-choice fork's extra tokens."""
-    extra = max((len(c) for q in ep.queries for c in q.candidates), default=0)
-    return max(ep.turn_lengths()) + extra
+    """Attention positions the longest turn needs, counting multiple-choice forks (a candidate is fed
+    from its query's start, so one longer than the gold answer reaches further)."""
+    starts = [0, *ep.breaks]
+    need = max(ep.turn_lengths())
+    for q in ep.queries:
+        turn_start = max(s for s in starts if s <= q.start)
+        for c in q.candidates:
+            need = max(need, q.start - turn_start + len(c) - 1)
+    return need
 
 
 def make_episodes(config: RunConfig, tokenizer: Any, max_length: int,

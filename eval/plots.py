@@ -42,21 +42,25 @@ def loss_vs_position(out: Path, rows: list[dict], rules: list[str]) -> list[dict
             if not rp:
                 continue
             xs = [max(bucket_start(p["x"]), 1) for p in rp]
-            top.plot(xs, [p["value"] for p in rp], marker="o", label=rule)
+            color = f"C{rules.index(rule)}"
+            top.plot(xs, [p["value"] for p in rp], marker="o", label=rule, color=color)
             lo, hi = zip(*(_ci(p) for p in rp))
-            top.fill_between(xs, lo, hi, alpha=0.2)
+            top.fill_between(xs, lo, hi, alpha=0.2, color=color)
             if rule != BASELINE and all(p["delta_vs_none"] for p in rp):
-                bottom.plot(xs, [p["delta_vs_none"]["value"] for p in rp], marker="o", label=rule)
+                bottom.plot(xs, [p["delta_vs_none"]["value"] for p in rp], marker="o", label=rule, color=color)
                 lo, hi = zip(*(_ci(p, "delta_vs_none") for p in rp))
-                bottom.fill_between(xs, lo, hi, alpha=0.2)
+                bottom.fill_between(xs, lo, hi, alpha=0.2, color=color)
         bottom.axhline(0.0, color="gray", lw=0.8, ls="--")
         if log2:
             bottom.set_xscale("log", base=2)
+            top.set_yscale("log")
         top.set_ylabel("mean NLL (nats)")
         bottom.set_ylabel(f"Δ vs {BASELINE}")
         bottom.set_xlabel("token position (bucket start)")
         top.set_title(f"{task} [{variant}, ctx {ctx_len}]: loss vs position")
         top.legend()
+        if bottom.get_legend_handles_labels()[0]:
+            bottom.legend(fontsize=8)
         name = f"loss_vs_position_{task}_{variant}_{ctx_len}_{'log2' if log2 else 'linear'}.png"
         made.append({"task": task, "path": "plots/" + _save(fig, out / name)})
     return made
@@ -74,15 +78,17 @@ def acc_vs_shots(out: Path, rows: list[dict], rules: list[str]) -> list[dict[str
                 rp = sorted((p for p in pts if p["variant"] == variant and p["rule"] == rule
                              and p["metric"] == "acc"), key=lambda p: p["shots"])
                 if rp:
-                    lo, hi = zip(*(_ci(p) for p in rp))
+                    lo, hi = zip(*((max(a, 0.0), min(b, 1.0)) for a, b in map(_ci, rp)))
                     ys = [p["value"] for p in rp]
                     err = [[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]]
-                    ax.errorbar([p["shots"] for p in rp], ys, yerr=err, marker="o", capsize=3, label=rule)
+                    ax.errorbar([p["shots"] for p in rp], ys, yerr=err, marker="o", capsize=3, label=rule,
+                                color=f"C{rules.index(rule)}")
             chance = [p for p in pts if p["variant"] == variant and p["metric"] == "chance" and p["rule"] == BASELINE]
             if chance:
                 ax.axhline(sum(p["value"] for p in chance) / len(chance), color="gray", ls="--", lw=0.8,
                            label="chance")
             ax.set_xscale("symlog", base=2, linthresh=1)
+            ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("shots")
             ax.set_ylabel("accuracy")
             ax.set_title(f"{task} [{variant}]")
