@@ -71,7 +71,7 @@ def make_episodes(config: RunConfig, tokenizer: Any, max_length: int,
                   log: Callable[[str], None] = print) -> dict[str, list[Episode]]:
     """Every task's episodes, generated once and shared by all rules. Without --attn-window, a cell
     (variant, shots, ctx_len) whose episodes exceed the model's context is dropped with a note."""
-    spec = TaskSpec(encode=lambda s: tokenizer(s, add_special_tokens=False)["input_ids"],
+    spec = TaskSpec(encode=lambda s: tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"],
                     bos_id=tokenizer.bos_token_id, max_length=max_length, episodes=config.episodes,
                     seed=config.seed, shots=config.shots, ctx_lens=config.ctx_lens,
                     data=Path(config.data) if config.data else None)
@@ -134,6 +134,10 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, progress: bool = 
     import adapt_runtime as ar
 
     check_out_dir(out, overwrite)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     data_sha = file_sha256(Path(config.data)) if config.data and Path(config.data).is_file() else None
     started = time.time()
     episodes: dict[str, list[Episode]] = {}

@@ -108,3 +108,25 @@ def test_lm_eval_pack_is_where_the_cli_says():
             continue
         module = cfg["custom_dataset"].split(".")[0]
         assert (pack / f"{module}.py").is_file() and cfg["task"].startswith("adapt_")
+
+
+@pytest.mark.parametrize(("fn", "kwargs"), [
+    ("assoc_recall_docs", {"shots": 4}),
+    ("label_map_docs", {"shots": 4, "variant": "symbol"}),
+    ("niah_docs", {"sentences": 12, "depth": 50}),
+], ids=["assoc-recall", "label-map", "niah"])
+def test_lm_eval_generators_make_valid_documents(fn, kwargs):
+    pytest.importorskip("datasets")
+    import importlib.util
+
+    pack = Path(CliRunner().invoke(main, ["lm-eval-tasks-dir"]).output.strip())
+    spec = importlib.util.spec_from_file_location("adapt_tasks_under_test", pack / "adapt_tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    docs = getattr(module, fn)(n=6, seed=0, version=1.0, model="llama", **kwargs)["test"]  # lm-eval merges extras
+    assert len(docs) == 6
+    for d in docs:
+        assert 0 <= d["label"] < len(d["choices"]) and len(set(d["choices"])) == len(d["choices"])
+        assert d["prompt"] and not d["prompt"].endswith(" ")
+    again = getattr(module, fn)(n=6, seed=0, **kwargs)["test"]
+    assert list(again) == list(docs)
