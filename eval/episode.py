@@ -44,7 +44,6 @@ class Episode:
     queries: tuple[Query, ...] = ()
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     breaks: tuple[int, ...] = ()
-    curve_span: tuple[int, int] | None = None
 
     @property
     def cell(self) -> tuple[str, str, int | None, int | None]:
@@ -138,7 +137,6 @@ class EpisodeBuilder:
     def tokens(self) -> list[int]:
         return self._done + self._bos + self._turn_ids
 
-    def build(self, task: str, variant: str, shots: int | None, ctx_len: int | None, index: int, seed: int,
-              curve_span: tuple[int, int] | None = None) -> Episode:
+    def build(self, task: str, variant: str, shots: int | None, ctx_len: int | None, index: int, seed: int) -> Episode:
         return Episode(task, variant, shots, ctx_len, index, seed, tuple(self.tokens()), tuple(self._queries),
-                       dict(self._spans), tuple(self._breaks), curve_span)
+                       dict(self._spans), tuple(self._breaks))

@@ -8,7 +8,7 @@ harness pairs these per-episode values across rules, so a CI over episodes is cl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -96,8 +96,3 @@ def bucket_start(label: str) -> int:
 
 def pick(values: Sequence[int] | None, default: Sequence[int]) -> tuple[int, ...]:
     return tuple(values) if values else tuple(default)
-
-
-def each_episode(spec: TaskSpec, make: Callable[[int], Episode | None]) -> list[Episode]:
-    """Call make(i) for i in range(spec.episodes), keeping the episodes that could be built."""
-    return [ep for ep in (make(i) for i in range(spec.episodes)) if ep is not None]

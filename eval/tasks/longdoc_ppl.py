@@ -42,8 +42,7 @@ class LongdocPpl:
         for ctx_len in pick(spec.ctx_lens, [spec.max_length]):
             for i, (_, ids) in enumerate(windows(spec, self.name, ctx_len, spec.episodes)):
                 toks = ([] if spec.bos_id is None else [spec.bos_id]) + ids
-                out.append(Episode(self.name, "text", None, ctx_len, i, spec.seed, tuple(toks),
-                                   curve_span=(0, len(toks))))
+                out.append(Episode(self.name, "text", None, ctx_len, i, spec.seed, tuple(toks)))
         return out
 
     def measure(self, ep: Episode, score: EpisodeScore) -> Measures:
