@@ -107,6 +107,8 @@ def build_report(out: Path, log: Callable[[str], None] = print) -> dict[str, Any
     metric_rows, curve_rows = aggregate(samples, rules)
     for r in metric_rows:
         validate_row(r)
+    for stale in [*(out / "plots").glob("*.png"), *(out / "curves").glob("*.csv")]:
+        stale.unlink()  # derived files of an earlier build; rebuilt below from the samples
     curves = _curve_files(out, metric_rows, curve_rows)
     try:
         from adapt_runtime.eval.plots import make_plots
