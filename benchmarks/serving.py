@@ -51,6 +51,7 @@ class Row:
     itl_p50_ms: float
     itl_p90_ms: float
     errors: int
+    engine_tokens_per_s: float = float("nan")
 
 
 @dataclass
@@ -206,16 +207,62 @@ async def soak(server: ServerProcess, rule: str, clients: int, seconds: float, m
                 samples[-1], max(samples), samples)
 
 
+def engine_tokens_per_s(model: str, rule: str, sessions: int, turns: int, max_tokens: int) -> float:
+    """The same workload on the scheduler alone (no HTTP, no client): the ceiling the server works against."""
+    import threading
+
+    from adapt_runtime.serving.engine import Engine
+    from adapt_runtime.serving.events import Done
+    from adapt_runtime.serving.sampling import SamplingParams
+    from adapt_runtime.serving.scheduler import Job, _deliver
+
+    import adapt_runtime as ar
+
+    loaded = ENGINES.get(model)
+    if loaded is None:
+        loaded = ENGINES[model] = ar.load_model(model)
+    runtime = ar.patch(loaded[0], rule=rule)
+    engine = Engine(runtime, loaded[1])
+    engine.scheduler.post = _deliver
+    try:
+        states = [runtime.new_state() for _ in range(sessions)]
+        start = time.perf_counter()
+        for turn in range(turns):
+            finished = threading.Semaphore(0)
+
+            def emit(event: object, done: threading.Semaphore = finished) -> None:
+                if isinstance(event, Done):
+                    done.release()
+
+            for i, state in enumerate(states):
+                ids = engine.encode(PROMPTS[(i + turn) % len(PROMPTS)])
+                prompt = engine.plan(state, ids, False, max_tokens)
+                params = SamplingParams(max_tokens=max_tokens, temperature=0.8)
+                engine.scheduler.submit(Job([prompt], 1, params, True, frozenset(), emit))
+            for _ in states:
+                finished.acquire()
+        seconds = time.perf_counter() - start
+    finally:
+        engine.close()
+        runtime.unpatch()
+    return sessions * turns * max_tokens / seconds
+
+
+ENGINES: dict[str, tuple] = {}
+
+
 def _table(rows: list[Row]) -> str:
-    head = ("| rule | sessions | tokens/s | x single | TTFT p50 / p90 ms | ITL p50 / p90 ms | requests | errors |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| rule | sessions | tokens/s | x single | TTFT p50 / p90 ms | ITL p50 / p90 ms | requests | errors "
+            "| engine alone tokens/s (x single) |\n|---|---|---|---|---|---|---|---|---|")
     single = {r.rule: r.tokens_per_s for r in rows if r.sessions == 1}
+    engine_single = {r.rule: r.engine_tokens_per_s for r in rows if r.sessions == 1}
     lines = [head]
     for r in rows:
         ratio = r.tokens_per_s / single[r.rule] if single.get(r.rule) else float("nan")
+        engine_ratio = r.engine_tokens_per_s / engine_single[r.rule] if engine_single.get(r.rule) else float("nan")
         lines.append(f"| {r.rule} | {r.sessions} | {r.tokens_per_s:.1f} | {ratio:.2f} | "
                      f"{r.ttft_p50_ms:.0f} / {r.ttft_p90_ms:.0f} | {r.itl_p50_ms:.1f} / {r.itl_p90_ms:.1f} | "
-                     f"{r.requests} | {r.errors} |")
+                     f"{r.requests} | {r.errors} | {r.engine_tokens_per_s:.1f} ({engine_ratio:.2f}) |")
     return "\n".join(lines)
 
 
@@ -224,13 +271,15 @@ def main() -> int:
     parser.add_argument("--model", default="llama", help="model to serve (default: the bundled stories260K)")
     parser.add_argument("--rules", default="hebbian,none", help="comma list of rules to compare")
     parser.add_argument("--sessions", default="1,8,32", help="comma list of concurrent session counts")
-    parser.add_argument("--turns", type=int, default=2, help="streamed turns per session per measurement")
+    parser.add_argument("--turns", type=int, default=4, help="streamed turns per session per measurement")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per turn")
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="soak duration (0 skips the soak)")
     parser.add_argument("--soak-clients", type=int, default=32, help="concurrent clients in the soak")
     parser.add_argument("--soak-rule", default=None, help="rule for the soak (default: the first of --rules)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the server (1: fastest for the bundled model, see the README)")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="skip the engine-alone column (the scheduler driven in-process, without HTTP)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     rules = [r for r in args.rules.split(",") if r]
@@ -250,6 +299,13 @@ def main() -> int:
                                                    args.max_tokens))
             finally:
                 server.stop()
+    if not args.no_engine:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for row in tqdm(rows, desc="engine alone"):
+            row.engine_tokens_per_s = round(
+                engine_tokens_per_s(args.model, row.rule, row.sessions, args.turns, args.max_tokens), 1)
     print(f"\nadapt-serve, model {args.model}, {args.max_tokens} tokens per turn, {args.turns} turns per "
           f"session, {os.cpu_count()} CPUs\n")
     print(_table(rows))
@@ -261,10 +317,10 @@ def main() -> int:
             print(f"\n{rule}: 8 sessions give {ratio:.2f}x the single-session tokens/s (target >= 3x)")
     if soak_result is not None:
         s = soak_result
-        growth = s.rss_end_mb - s.rss_start_mb
+        half = s.rss_samples_mb[len(s.rss_samples_mb) // 2 :]
         print(f"\nsoak ({s.rule}): {s.clients} clients, {s.seconds:.0f} s, {s.requests} requests, {s.tokens} "
-              f"tokens, {s.errors} errors; RSS {s.rss_start_mb:.0f} MB after warm-up -> {s.rss_end_mb:.0f} MB "
-              f"at the end (max {s.rss_max_mb:.0f} MB, growth {growth:+.0f} MB)")
+              f"tokens, {s.errors} errors; server RSS {s.rss_start_mb:.0f} MB after warm-up, "
+              f"{min(half):.0f}-{max(half):.0f} MB over the second half, {s.rss_end_mb:.0f} MB at the end")
         verdict = int(s.errors > 0)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
