@@ -7,6 +7,7 @@ job to the model thread and yields its events; closing the iterator early cancel
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +28,9 @@ class Engine:
         self.eos_ids = _eos_ids(runtime, tokenizer)
         self.scheduler = Scheduler(runtime, self.detok, self.max_len, on_step, post=self._post)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Job, Event]] = []
+        self._wake_scheduled = False
 
     def close(self) -> None:
         self.scheduler.close()
@@ -93,14 +97,21 @@ class Engine:
 
 
     def _post(self, batch: list[tuple[Job, Event]]) -> None:
-        """From the model thread: deliver a step's events on the event loop in one wake-up."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_deliver, batch)
+        """From the model thread: queue a step's events; wake the event loop only if no wake-up is pending
+        (each wake-up is a syscall and a GIL hand-over, so steps that finish while one is pending share it)."""
+        with self._lock:
+            self._pending.extend(batch)
+            if self._wake_scheduled or self._loop is None or self._loop.is_closed():
+                return
+            self._wake_scheduled = True
+        self._loop.call_soon_threadsafe(self._drain)
 
-
-def _deliver(batch: list[tuple[Job, Event]]) -> None:
-    for job, event in batch:
-        job.emit(event)
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._wake_scheduled = False
+        for job, event in batch:
+            job.emit(event)
 
 
 def _eos_ids(runtime: Any, tokenizer: Any) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,16 @@ from adapt_runtime.serving.sessions import SessionStore
 import adapt_runtime as ar
 
 log = logging.getLogger("adapt_serve")
+SWITCH_INTERVAL_S = 0.0005
 
 
 def create_context(config: ServerConfig) -> ServerContext:
     """Load the model, patch it with the rule, and open the session store (restoring persisted sessions)."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    # the model thread runs Python between kernels; a short switch interval lets the event loop stream
+    # tokens while a step runs instead of waiting up to 5 ms for the GIL
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     model, tokenizer = ar.load_model(config.model, dtype=config.dtype, device=config.device)
     runtime = ar.patch(model, rule=config.rule, **config.rule_config)
     metrics = Metrics()
