@@ -55,6 +55,9 @@ def _seconds(value: str) -> float:
               help="Longest context (prompt + answer) in tokens; default: the model's own maximum.")
 @click.option("--max-sessions", type=int, default=1024, show_default=True,
               help="Most sessions held (in memory and on disk); creating more answers 429.")
+@click.option("--auto-create-sessions/--no-auto-create-sessions", default=True, show_default=True,
+              help="Create a session on first use of an unknown X-Session-ID (any id of 1-128 characters "
+                   "[A-Za-z0-9_.:-]), in the caller's own namespace; with --no-..., only POST /v1/sessions creates.")
 @click.option("--session-memory-budget", default="256M", show_default=True, metavar="BYTES",
               help="Bytes of session state kept in memory; least recently used sessions go to disk beyond it.")
 @click.option("--session-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

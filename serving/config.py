@@ -23,6 +23,7 @@ class ServerConfig:
     served_model_name: str | None = None
     max_model_len: int | None = None
     max_sessions: int = 1024
+    auto_create_sessions: bool = True
     session_memory_budget: int = 256 * 2**20
     session_dir: Path | None = None
     session_ttl: float = 7 * 24 * 3600.0

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SESSION_ID = re.compile(r"^sess_[A-Za-z0-9_-]{16,64}$")
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 OWNER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 

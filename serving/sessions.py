@@ -1,12 +1,14 @@
 """SessionStore: the sessions of all principals, resident under a byte budget, the rest on disk.
 
-A session is owned by the principal (API-key hash) that created it; any other principal gets 404, exactly as
-for an id that does not exist. One turn at a time: ``acquire`` marks the session busy (409 otherwise) and makes
-it resident; ``commit`` swaps in the turn's new state; ``release`` ends the turn. The least recently used idle
-sessions are written to disk (the runtime's state file) when resident bytes exceed the budget, and read back
-on their next use. With ``persistent`` on (an explicit ``--session-dir``), every create and commit is written
-through, so a restart finds every session. Sessions idle for longer than the TTL are deleted, files included.
-All methods run on the event loop; file I/O goes to a thread under the session's I/O lock.
+Sessions live in one namespace per principal (API-key hash): the store is keyed by (principal, id), so a
+client-chosen id such as ``alice`` never collides across keys, and another principal asking for an id gets 404
+exactly as for an id that does not exist. One turn at a time: ``acquire`` marks the session busy (409
+otherwise) and makes it resident; ``commit`` swaps in the turn's new state; ``release`` ends the turn. The
+least recently used idle sessions are written to disk (the runtime's state file) when resident bytes exceed
+the budget, and read back on their next use. With ``persistent`` on (an explicit ``--session-dir``), every
+create and commit is written through, so a restart finds every session. Sessions idle for longer than the TTL
+are deleted, files included. All methods run on the event loop; file I/O goes to a thread under the session's
+I/O lock.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def new_session_id() -> str:
 
 def check_session_id(sid: str) -> str:
     if not SESSION_ID.match(sid):
-        raise APIError(400, "session ids look like 'sess_' followed by 16-64 characters of [A-Za-z0-9_-]",
+        raise APIError(400, "a session id is 1-128 characters of [A-Za-z0-9_.:-], starting with a letter or digit",
                        "invalid_session_id", "session_id")
     return sid
 
@@ -77,13 +79,13 @@ class SessionStore:
         self.ttl = ttl
         self.persistent = persistent
         self._on_event = on_event or (lambda _: None)
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[tuple[str, str], Session] = {}
         self._fitting: asyncio.Task | None = None
 
     def restore(self) -> int:
         """Register every session persisted in the directory (state stays on disk until used)."""
         for record in self.files.scan():
-            self._sessions[record.id] = Session(record, None)
+            self._sessions[(record.owner, record.id)] = Session(record, None)
         return len(self._sessions)
 
     def __len__(self) -> int:
@@ -96,16 +98,18 @@ class SessionStore:
         resident = sum(1 for s in self._sessions.values() if s.state is not None)
         return resident, len(self._sessions) - resident
 
-    async def create(self, owner: str, metadata: dict[str, str] | None = None, state: Any = None) -> Session:
+    async def create(self, owner: str, metadata: dict[str, str] | None = None, state: Any = None,
+                     sid: str | None = None) -> Session:
+        """A new session of ``owner``: a server-made id, or ``sid`` (the caller checked it is free)."""
         if len(self._sessions) >= self.max_sessions:
             await self.reap()
         if len(self._sessions) >= self.max_sessions:
             raise retry_later(429, f"the server holds its maximum of {self.max_sessions} sessions; delete some",
                               "session_limit_reached", 5)
         now = time.time()
-        record = SessionRecord(new_session_id(), owner, now, now, 0, dict(metadata or {}))
+        record = SessionRecord(sid or new_session_id(), owner, now, now, 0, dict(metadata or {}))
         session = Session(record, state if state is not None else self._new_state())
-        self._sessions[record.id] = session
+        self._sessions[(owner, record.id)] = session
         self._on_event("created")
         if self.persistent:
             await self._write(session, session.state)
@@ -114,11 +118,11 @@ class SessionStore:
 
     def get(self, owner: str, sid: str) -> Session:
         check_session_id(sid)
-        session = self._sessions.get(sid)
+        session = self._sessions.get((owner, sid))
         if session is not None and not session.busy and self._expired(session):
             self._drop(session, "ttl")
             session = None
-        if session is None or not secrets.compare_digest(session.record.owner, owner):
+        if session is None:
             raise APIError(404, f"session {sid} not found", "session_not_found", "session_id")
         return session
 
@@ -196,7 +200,7 @@ class SessionStore:
         return time.time() - session.record.last_used > self.ttl
 
     def _drop(self, session: Session, reason: str) -> None:
-        self._sessions.pop(session.id, None)
+        self._sessions.pop((session.record.owner, session.id), None)
         self.files.remove(session.record)
         self._on_event(f"deleted_{reason}")
 

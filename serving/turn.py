@@ -62,11 +62,18 @@ class Turn:
 
 
 async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, adapt: bool) -> Turn:
-    """Resolve the session (404 unknown or foreign, 409 busy) and take the turn."""
+    """Resolve the session and take the turn: an unknown id is created in the caller's namespace with
+    ``--auto-create-sessions`` (the default), else 404; 409 if the session is in another turn."""
     sid = session_id_of(request, body_id)
     if sid is None:
         return Turn(ctx, None, ctx.engine.rt.new_state(), adapt)
-    session = ctx.store.get(principal_of(request), sid)
+    owner = principal_of(request)
+    try:
+        session = ctx.store.get(owner, sid)
+    except APIError as err:
+        if err.code != "session_not_found" or not ctx.config.auto_create_sessions:
+            raise
+        session = await ctx.store.create(owner, sid=sid)
     committed = await ctx.store.acquire(session)
     try:
         working = committed.clone()

@@ -79,31 +79,48 @@ def test_session_id_by_header_or_body_and_echoed(server: Server) -> None:
     assert info(server, sid)["turns"] == 2
 
 
-@pytest.mark.parametrize("sid,status,code", [
-    ("not-a-session", 400, "invalid_session_id"),
-    ("sess_../../etc/passwd", 400, "invalid_session_id"),
-    ("sess_" + "A" * 22, 404, "session_not_found"),
-], ids=["malformed", "path-traversal", "unknown"])
-def test_bad_session_ids(server: Server, sid: str, status: int, code: str) -> None:
+@pytest.mark.parametrize("sid", ["bad id!", "../../etc/passwd", ".hidden", "x" * 129],
+                         ids=["punctuation", "path-traversal", "leading-dot", "too-long"])
+def test_malformed_session_ids_are_400(server: Server, sid: str) -> None:
     with server.http() as http:
         response = http.post("/v1/completions", headers={"X-Session-ID": sid}, json={"prompt": "Hi"})
-    assert_envelope(response, status, code)
+    assert_envelope(response, 400, "invalid_session_id")
 
 
-def test_another_key_sees_404_everywhere(server: Server) -> None:
+def test_unknown_ids_are_404_on_session_routes(server: Server) -> None:
+    with server.http() as http:
+        for response in (http.get("/v1/sessions/never-made"), http.delete("/v1/sessions/never-made"),
+                         http.post("/v1/sessions/never-made/fork"), http.get("/v1/sessions/never-made/state")):
+            assert_envelope(response, 404, "session_not_found")
+
+
+def test_client_chosen_ids_are_created_on_use_per_key(server: Server) -> None:
+    read(server, "alice")
+    mine = info(server, "alice")
+    assert mine["turns"] == 1
+    theirs = server.client(KEY_B).completions.create(model=MODEL, prompt="Hi", max_tokens=1,
+                                                     extra_headers={"X-Session-ID": "alice"})
+    assert theirs.model_extra["session_id"] == "alice"
+    assert info(server, "alice", KEY_B)["turns"] == 1
+    assert info(server, "alice")["tokens_seen"] == mine["tokens_seen"], "another key never touches this one"
+    assert score(server, "alice", key=KEY_B) != score(server, "alice")
+
+
+def test_another_key_gets_404_and_never_the_owners_state(server: Server) -> None:
     sid = server.new_session(KEY_A)
     with server.http(KEY_B) as http:
         calls = [http.get(f"/v1/sessions/{sid}"), http.delete(f"/v1/sessions/{sid}"),
                  http.post(f"/v1/sessions/{sid}/reset"), http.post(f"/v1/sessions/{sid}/fork"),
-                 http.get(f"/v1/sessions/{sid}/state"), http.put(f"/v1/sessions/{sid}/state", content=b"x"),
-                 http.post("/v1/completions", headers={"X-Session-ID": sid}, json={"prompt": "Hi"}),
-                 http.post("/v1/chat/completions", json={"session_id": sid,
-                                                         "messages": [{"role": "user", "content": "Hi"}]})]
+                 http.get(f"/v1/sessions/{sid}/state"), http.put(f"/v1/sessions/{sid}/state", content=b"x")]
         listed = http.get("/v1/sessions").json()["data"]
     for response in calls:
         assert_envelope(response, 404, "session_not_found")
     assert sid not in [s["id"] for s in listed]
-    assert info(server, sid)["turns"] == 0
+    read(server, sid)
+    server.client(KEY_B).completions.create(model=MODEL, prompt="A frog sat on a log.", max_tokens=1,
+                                            extra_headers={"X-Session-ID": sid})
+    assert info(server, sid)["turns"] == 1, "the other key's turn went to its own namespace"
+    assert score(server, sid, key=KEY_B) != score(server, sid)
 
 
 def _stream_lines(http: httpx.Client, sid: str, max_tokens: int = 200):

@@ -209,3 +209,29 @@ def test_store_ttl_limits_and_busy(tmp_path) -> None:
         await store.create("owner1")
 
     asyncio.run(scenario())
+
+
+def test_without_auto_create_an_unknown_session_is_404(tmp_path) -> None:
+    import httpx
+    from adapt_runtime.serving import ServerConfig, build_app, create_context
+
+    ctx = create_context(ServerConfig(auto_create_sessions=False, session_dir=tmp_path, api_keys=("k",)))
+    app = build_app(ctx)
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     headers={"Authorization": "Bearer k"}) as http:
+            unknown = await http.post("/v1/completions", headers={"X-Session-ID": "zed"},
+                                      json={"prompt": "Hi", "max_tokens": 1})
+            made = (await http.post("/v1/sessions")).json()["id"]
+            known = await http.post("/v1/completions", headers={"X-Session-ID": made},
+                                    json={"prompt": "Hi", "max_tokens": 1})
+            return unknown, known
+
+    try:
+        unknown, known = asyncio.run(scenario())
+    finally:
+        ctx.engine.close()
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "session_not_found"
+    assert known.status_code == 200
