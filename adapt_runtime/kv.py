@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from adapt_runtime.state import FastWeights
 
@@ -30,7 +31,7 @@ def assemble(states: list[FastWeights], config, steps: int, device: torch.device
     cache = DynamicCache(config=config)
     if width and len(states) == 1:
         for i, (k, v) in enumerate(states[0].kv):
-            cache.update(k, v, i)
+            _load_layer(cache, i, k, v)
     elif width:
         n_layers = max(len(s.kv) for s in states if s.kv)
         for i in range(n_layers):
@@ -50,7 +51,7 @@ def assemble(states: list[FastWeights], config, steps: int, device: torch.device
                     v = torch.nn.functional.pad(v, (0, 0, pad, 0))
                 keys.append(k)
                 values.append(v)
-            cache.update(torch.cat(keys), torch.cat(values), i)
+            _load_layer(cache, i, torch.cat(keys), torch.cat(values))
     offsets = torch.tensor(lengths, device=device)[:, None]
     position_ids = offsets + torch.arange(steps, device=device)[None]
     mask = None
@@ -59,6 +60,17 @@ def assemble(states: list[FastWeights], config, steps: int, device: torch.device
         for b, n in enumerate(lengths):
             mask[b, : width - n] = 0
     return BatchedCache(cache, mask, position_ids, lengths, width)
+
+
+def _load_layer(cache: DynamicCache, i: int, keys: Tensor, values: Tensor) -> None:
+    """Put a row's stored keys/values into layer ``i`` of a fresh cache; a full-attention layer takes the tensors
+    as they are (``update`` would copy them once more), a sliding one goes through ``update``."""
+    layer = cache.layers[i] if i < len(cache.layers) else None
+    if type(layer) is DynamicLayer:
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    else:
+        cache.update(keys, values, i)
 
 
 def scatter(batched: BatchedCache, states: list[FastWeights]) -> None:

@@ -225,7 +225,8 @@ class Runtime:
     def _apply_writes(self, s: FastWeights, writes: list[Write]) -> None:
         if not writes:
             return
-        finite = torch.stack([torch.isfinite(t).all() for w in writes for t in (w.V, w.X, w.beta)]).all()
+        tensors = {id(t): t for w in writes for t in (w.V, w.X, w.beta)}  # rules often share V and beta
+        finite = torch.isfinite(torch.stack([t.float().sum() for t in tensors.values()])).all()  # NaN/inf propagate
         if not bool(finite):
             self._refuse(s)
             return

@@ -74,7 +74,7 @@ class HebbianRule(Rule):
         v = U[labels].float()
         if self.target == "error":
             if 0 < self.topk < logits.shape[-1]:
-                top_l, top_i = logits.topk(self.topk, dim=-1)  # the top-k of p are the top-k of the logits
+                top_l, top_i = logits.topk(self.topk, dim=-1, sorted=False)  # top-k of p = top-k of logits
                 top_p = (top_l - lse[:, None]).exp()
                 v = v - torch.einsum("nk,nkd->nd", top_p, U[top_i].float())
             else:
