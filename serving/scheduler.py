@@ -7,10 +7,10 @@ on are fed in one batched ``rt.forward(ids [B, 1], [state_1 .. state_B])``. Each
 in two calls, since ``adapt`` is per call.
 
 As in ``rt.generate``, the last token of a row is never fed: it becomes the first token of the next input.
-Events are collected during a step and handed over in one batch through ``post`` (one wake-up of the event
-loop per step, not one per token), then reach each request through ``Job.emit``. The request commits or
-discards the states after ``Done``, so the scheduler never decides what is kept. Rows that sample with the
-same settings (no seed, no penalties) are sampled in one call.
+Events are collected during a step and handed over in one batch through ``post`` (the engine queues them for
+the event loop, which collects them every millisecond), then reach each request through ``Job.emit``. The
+request commits or discards the states after ``Done``, so the scheduler never decides what is kept. Rows that
+sample with the same settings (no seed, no penalties) are sampled in one call.
 """
 
 from __future__ import annotations
