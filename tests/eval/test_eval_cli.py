@@ -83,11 +83,23 @@ def test_existing_run_is_not_overwritten(smoke_run):
     (["--rule-config", "{not json"], "not JSON"),
     (["--rule-config", '{"gradient": {"lr": 1}}', "--rules", "none,hebbian"], "not in --rules"),
     (["--episodes", "0"], "--episodes"),
-], ids=["rule-order", "task", "babi-no-data", "shots", "rule-config-json", "rule-config-rule", "episodes"])
+    (["--task", "niah", "--ctx-len", "1024"], "no episodes fit"),
+], ids=["rule-order", "task", "babi-no-data", "shots", "rule-config-json", "rule-config-rule", "episodes",
+        "over-context"])
 def test_bad_input_gets_a_clear_error(tmp_path, args, message):
     res = CliRunner().invoke(main, ["run", "--preset", "smoke", "--out", str(tmp_path / "x"), *args])
     assert res.exit_code != 0 and message in res.output
     assert not (tmp_path / "x" / "samples.jsonl").exists()
+
+
+def test_attention_window_run_is_recorded_and_scored(tmp_path):
+    out = tmp_path / "window"
+    res = CliRunner().invoke(main, ["run", "--task", "copy", "--rules", "none,gradient", "--attn-window", "32",
+                                    "--ctx-len", "64", "--episodes", "2", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["config"]["attn_window"] == 32
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert {r["rule"] for r in rows} == {"none", "gradient"} and all(r["n"] == 2 for r in rows)
 
 
 def test_tasks_lists_every_task():
