@@ -14,6 +14,7 @@ from adapt_runtime.eval.atomic import write_json, write_text
 from adapt_runtime.eval.config import BASELINE
 from adapt_runtime.eval.results import SCHEMA_VERSION, aggregate, read_samples, validate_row
 from adapt_runtime.eval.tasks import TASKS
+from adapt_runtime.eval.tasks.base import bucket_start
 
 CSV_COLUMNS = ("task", "variant", "shots", "ctx_len", "metric", "x", "rule", "value", "se", "ci_lo", "ci_hi",
                "n", "delta", "delta_lo", "delta_hi")
@@ -93,6 +94,8 @@ def _curve_files(out: Path, metric_rows: list[dict], curve_rows: list[dict]) -> 
             files.setdefault("niah_depth_x_length", []).append(r)
     names = {}
     for name, rows in files.items():
+        rows.sort(key=lambda r: (r["variant"], str(r["shots"]), str(r["ctx_len"]), r["metric"],
+                                 bucket_start(r["x"]) if r.get("x") else 0))
         write_csv(out / "curves" / f"{name}.csv", rows)
         names[name] = f"curves/{name}.csv"
     write_csv(out / "results.csv", metric_rows)
