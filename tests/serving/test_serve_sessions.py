@@ -165,6 +165,17 @@ def test_disconnect_rolls_the_turn_back(server: Server) -> None:
     assert score(server, sid) == logprobs
 
 
+def test_a_whole_response_abandoned_by_its_client_rolls_back(server: Server) -> None:
+    sid = server.new_session()
+    read(server, sid)
+    before = info(server, sid)
+    body = {"prompt": TEXT, "max_tokens": 400, "ignore_eos": True}
+    with server.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", headers={"X-Session-ID": sid}, json=body, timeout=0.3)
+    after = _wait_idle(server, sid)
+    assert (after["tokens_seen"], after["turns"]) == (before["tokens_seen"], before["turns"])
+
+
 def test_a_prompt_that_extends_the_stream_reads_only_the_suffix(server: Server) -> None:
     sid = server.new_session()
     with server.http() as http:
