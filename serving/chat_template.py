@@ -1,8 +1,9 @@
 """ChatTemplate: messages -> prompt text, by the tokenizer's Jinja template or a plain one for base models.
 
 The plain fallback writes each message as ``Role: content`` on its own paragraph and ends with
-``Assistant:``, so a base model continues as the assistant. A template renders special tokens itself, so its
-text is tokenized without adding them again; the fallback's text gets the tokenizer's BOS.
+``Assistant:``, so a base model continues as the assistant; assistant messages are kept as generated. A
+template renders special tokens itself, so its text is tokenized without adding them again; the fallback's
+text gets the tokenizer's BOS.
 """
 
 from __future__ import annotations
@@ -38,7 +39,17 @@ class ChatTemplate:
 
 
 def _plain(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-    parts = [f"{_ROLES[m.role]}: {m.text().strip()}" for m in messages]
+    parts = [_plain_message(m) for m in messages]
     if add_generation_prompt:
         parts.append("Assistant:")
     return "\n\n".join(parts)
+
+
+def _plain_message(message: ChatMessage) -> str:
+    """An assistant message is kept exactly as generated (it followed ``Assistant:`` and usually starts with
+    its own space), so the next turn's prompt re-tokenizes to the session's stream and only the suffix is read."""
+    role = _ROLES[message.role]
+    if message.role != "assistant":
+        return f"{role}: {message.text().strip()}"
+    text = message.text()
+    return f"{role}:{text}" if text[:1].isspace() else f"{role}: {text}"

@@ -192,6 +192,19 @@ def test_a_prompt_that_extends_the_stream_reads_only_the_suffix(server: Server) 
     assert diverged["writes"] >= writes
 
 
+def test_a_chat_turn_that_repeats_the_history_reads_only_the_new_messages(server: Server) -> None:
+    sid = "chat-" + str(time.monotonic_ns())
+    client = server.client()
+    history = [{"role": "user", "content": "Tell me about a cat called Tom."}]
+    first = client.chat.completions.create(model=MODEL, messages=history, max_tokens=24, temperature=0,
+                                           extra_headers={"X-Session-ID": sid})
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "What did Tom do next?"}]
+    second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0,
+                                            extra_headers={"X-Session-ID": sid})
+    assert info(server, sid)["tokens_seen"] == second.usage.prompt_tokens + second.usage.completion_tokens - 1
+
+
 def test_export_import_gives_identical_logprobs(server: Server) -> None:
     source, target = server.new_session(), server.new_session()
     read(server, source)
