@@ -26,32 +26,24 @@ class BatchedCache:
 def assemble(states: list[FastWeights], config, steps: int, device: torch.device) -> BatchedCache:
     """Stack the rows' caches for a call of ``steps`` new tokens per row."""
     lengths = [s.kv_len for s in states]
-    stored = [0 if not s.kv else int(s.kv[0][0].shape[-2]) for s in states]
     width = max(lengths)
     cache = DynamicCache(config=config)
     if width and len(states) == 1:
         for i, (k, v) in enumerate(states[0].kv):
             _load_layer(cache, i, k, v)
     elif width:
-        n_layers = max(len(s.kv) for s in states if s.kv)
-        for i in range(n_layers):
-            keys, values = [], []
+        if any(s.kv and int(s.kv[0][0].shape[-2]) != n for s, n in zip(states, lengths)):
+            raise ValueError("rows of different lengths cannot be batched on a model with sliding-window layers; "
+                             "feed them one at a time")
+        ref = next(s.kv for s in states if s.kv)
+        for i, (ref_k, ref_v) in enumerate(ref):
+            keys = ref_k.new_zeros(len(states), ref_k.shape[1], width, ref_k.shape[3])
+            values = ref_v.new_zeros(len(states), ref_v.shape[1], width, ref_v.shape[3])
             for b, (s, n) in enumerate(zip(states, lengths)):
-                if n:
-                    k, v = s.kv[i]
-                else:
-                    ref_k, ref_v = next(t.kv[i] for t in states if t.kv)
-                    k, v = ref_k[:, :, :0], ref_v[:, :, :0]
-                if k.shape[-2] != stored[b] and len(states) > 1:
-                    raise ValueError("rows of different lengths cannot be batched on a model with sliding-window "
-                                     "layers; feed them one at a time")
-                pad = width - k.shape[-2]
-                if pad:
-                    k = torch.nn.functional.pad(k, (0, 0, pad, 0))
-                    v = torch.nn.functional.pad(v, (0, 0, pad, 0))
-                keys.append(k)
-                values.append(v)
-            _load_layer(cache, i, torch.cat(keys), torch.cat(values))
+                if n:  # left-padded: the row's entries end at the common width
+                    keys[b, :, width - n :] = s.kv[i][0][0]
+                    values[b, :, width - n :] = s.kv[i][1][0]
+            _load_layer(cache, i, keys, values)
     offsets = torch.tensor(lengths, device=device)[:, None]
     position_ids = offsets + torch.arange(steps, device=device)[None]
     mask = None

@@ -118,14 +118,17 @@ class Runtime:
             seg_ids = ids[:, pos : pos + seg]
             logits, bindings = self._call(seg_ids, states, frozenset(capture), grad)
             nxt = ids[:, pos + 1 : pos + seg + 1]
+            segments = []
             for b, s in enumerate(states):
                 start = s.tokens_seen
                 s.tokens.extend(seg_ids[b].tolist())
                 if adapt:
-                    self._record(s, b, start, bindings, logits[b], nxt[b])
+                    segments.append(self._record(s, b, start, bindings, logits[b], nxt[b]))
                 if grad:
                     graphs[id(s)] = ChunkGraph(logits[b], {i: r.records["x"][b] for i, r in bindings.items()},
                                                {i: r.records["probe"] for i, r in bindings.items()})
+            if adapt:
+                self.rule.observe_rows(self, states, segments)
             outs.append(logits.detach())
             pos += seg
         out = torch.cat(outs, dim=1).float() if outs else torch.empty(rows, 0, self.vocab_size)
@@ -196,7 +199,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ writes
     def _record(self, s: FastWeights, b: int, start: int, bindings: dict[int, Binding], logits: Tensor,
-                nxt: Tensor) -> None:
+                nxt: Tensor) -> Segment:
         n = logits.shape[0]
         if not len(s.pending):
             s.pending.chunk = start // self.config.chunk_size
@@ -208,7 +211,7 @@ class Runtime:
         labels = torch.full((n,), -1, dtype=torch.long, device=self.device)
         labels[: nxt.numel()] = nxt
         inv_rms = None if self._final_inv_rms is None else self._final_inv_rms.reshape(-1, n)[b]
-        self.rule.observe(self, s, Segment(records, logits.detach(), labels, inv_rms))
+        return Segment(records, logits.detach(), labels, inv_rms)
 
     def _fire_writes(self, states: list[FastWeights], next_tokens: Tensor, graphs: dict[int, ChunkGraph]) -> None:
         C = self.config.chunk_size

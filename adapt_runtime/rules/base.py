@@ -77,6 +77,11 @@ class Rule:
     def observe(self, rt: Runtime, state: FastWeights, segment: Segment) -> None:
         """Called after each adapted segment of a row, once its records are in ``state.pending``."""
 
+    def observe_rows(self, rt: Runtime, states: list[FastWeights], segments: list[Segment]) -> None:
+        """``observe`` for every row of a call; rules may override it to do all rows in one batched step."""
+        for state, segment in zip(states, segments):
+            self.observe(rt, state, segment)
+
     def resolve(self, rt: Runtime, state: FastWeights, next_token: int) -> None:
         """Called when ``next_token`` is fed: the pending position before it now has its label."""
 

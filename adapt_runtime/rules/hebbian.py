@@ -84,15 +84,25 @@ class HebbianRule(Rule):
         return v, nll
 
     def observe(self, rt: Runtime, state: FastWeights, segment: Segment) -> None:
-        self.observe_scale(state, segment)
-        known = segment.labels >= 0
-        if not bool(known.any()):
+        self.observe_rows(rt, [state], [segment])
+
+    def observe_rows(self, rt: Runtime, states: list[FastWeights], segments: list[Segment]) -> None:
+        """Targets of every row's labelled positions in one batched step (known labels are a prefix of a row)."""
+        counts = [int((seg.labels >= 0).sum()) for seg in segments]
+        for state, segment in zip(states, segments):
+            self.observe_scale(state, segment)
+        if not sum(counts):
             return
-        n = int(known.sum())  # known labels are a prefix of the segment
-        v, nll = self._targets(segment.logits[:n], segment.labels[:n])
-        if v is not None:
-            state.pending.add_target("v", v)
-        state.pending.add_target("nll", nll)
+        logits = torch.cat([seg.logits[:n] for seg, n in zip(segments, counts)])
+        labels = torch.cat([seg.labels[:n] for seg, n in zip(segments, counts)])
+        v, nll = self._targets(logits, labels)
+        start = 0
+        for state, n in zip(states, counts):
+            if n:
+                if v is not None:
+                    state.pending.add_target("v", v[start : start + n])
+                state.pending.add_target("nll", nll[start : start + n])
+            start += n
 
     def observe_scale(self, state: FastWeights, segment: Segment) -> None:
         if self.reads_final_norm and segment.final_inv_rms is not None:
