@@ -1,0 +1,63 @@
+"""The lm-eval task pack end to end: lm-eval's local-completions client scores a live adapt-serve."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Before lm_eval imports `datasets`, which reads these once: no hub look-ups (tests never use the network).
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("tenacity")  # lm-eval[api]
+httpx = pytest.importorskip("httpx")
+
+PACK = Path(__file__).resolve().parents[2] / "eval" / "lm_eval_tasks"
+TASKS = ["adapt_assoc_recall_mc", "adapt_label_map_symbol", "adapt_niah_mc"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "adapt_runtime.serving.cli", "--model", "llama", "--rule",
+                             "hebbian", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"adapt-serve exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("adapt-serve did not come up in 60 s")
+        yield f"http://127.0.0.1:{port}/v1/completions"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_lm_eval_scores_adapt_serve_with_the_pack(server):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    out = simple_evaluate(model="local-completions",
+                          model_args=f"model=llama,base_url={server},num_concurrent=1,max_retries=1,max_length=512",
+                          tasks=TASKS, task_manager=TaskManager(include_path=str(PACK)),
+                          limit=4, bootstrap_iters=0, log_samples=False)
+    for task in TASKS:
+        acc = out["results"][task]["acc,none"]
+        assert 0.0 <= acc <= 1.0
+        assert out["n-samples"][task]["effective"] == 4
