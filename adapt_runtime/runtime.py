@@ -131,10 +131,11 @@ class Runtime:
                 self.rule.observe_rows(self, states, segments)
             outs.append(logits.detach())
             pos += seg
-        out = torch.cat(outs, dim=1).float() if outs else torch.empty(rows, 0, self.vocab_size)
-        if total:
-            for b, s in enumerate(states):
-                s.last_logits = out[b, -1].clone()
+        if not outs:
+            return torch.empty(rows, 0, self.vocab_size)
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).float()
+        for b, s in enumerate(states):
+            s.last_logits = out[b, -1].clone()  # a copy: callers may edit the returned logits in place
         return out
 
     def _rows(self, input_ids, state) -> tuple[Tensor, list[FastWeights]]:
