@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -21,14 +21,28 @@ class BatchedCache:
     position_ids: Tensor  # [B, T]
     lengths: list[int]
     width: int  # Lmax
+    rows: list[FastWeights] = field(default_factory=list)
+    row_kv: list[list] = field(default_factory=list)  # each row's kv list as ``scatter`` left it
+
+    def continues(self, states: list[FastWeights], width: int) -> bool:
+        """True when ``states`` are this call's rows, in order, with their caches untouched since: the padded
+        tensors of this call can then serve the next one as they are (decode steps of a fixed batch)."""
+        return (len(states) > 1 and len(states) == len(self.rows)
+                and all(s is r and s.kv is kv for s, r, kv in zip(states, self.rows, self.row_kv))
+                and all(type(layer) is DynamicLayer for layer in self.cache.layers)
+                and int(self.cache.layers[0].keys.shape[-2]) == width)
 
 
-def assemble(states: list[FastWeights], config, steps: int, device: torch.device) -> BatchedCache:
-    """Stack the rows' caches for a call of ``steps`` new tokens per row."""
+def assemble(states: list[FastWeights], config, steps: int, device: torch.device,
+             previous: BatchedCache | None = None) -> BatchedCache:
+    """Stack the rows' caches for a call of ``steps`` new tokens per row (reusing ``previous`` when it continues)."""
     lengths = [s.kv_len for s in states]
     width = max(lengths)
     cache = DynamicCache(config=config)
-    if width and len(states) == 1:
+    if width and previous is not None and previous.continues(states, width):
+        for i, layer in enumerate(previous.cache.layers):
+            _load_layer(cache, i, layer.keys, layer.values)
+    elif width and len(states) == 1:
         for i, (k, v) in enumerate(states[0].kv):
             _load_layer(cache, i, k, v)
     elif width:
@@ -72,3 +86,4 @@ def scatter(batched: BatchedCache, states: list[FastWeights]) -> None:
         drop = batched.width - n
         s.kv = [(layer.keys[b : b + 1, :, drop:].detach(), layer.values[b : b + 1, :, drop:].detach())
                 for layer in layers]
+    batched.rows, batched.row_kv = list(states), [s.kv for s in states]

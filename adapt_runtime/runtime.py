@@ -48,6 +48,7 @@ class Runtime:
                               or 1 << 30)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._final_inv_rms: Tensor | None = None
+        self._last_batch = None  # the previous multi-row call's cache, reused by a decode step of the same rows
         if rule.reads_final_norm:
             norm = get_path(model, spec.final_norm)
             self._hooks.append(norm.register_forward_pre_hook(self._read_final_norm))
@@ -158,7 +159,7 @@ class Runtime:
 
     def _call(self, ids: Tensor, states: list[FastWeights], capture: frozenset[str],
               grad: bool) -> tuple[Tensor, dict[int, Binding]]:
-        batched = assemble(states, self.model.config, ids.shape[1], self.device)
+        batched = assemble(states, self.model.config, ids.shape[1], self.device, self._last_batch)
         bindings = self._bind(states, capture, grad)
         try:
             with torch.set_grad_enabled(grad):
@@ -168,6 +169,7 @@ class Runtime:
             for wrapper in self.plastic.values():
                 wrapper.binding = None
         scatter(batched, states)
+        self._last_batch = batched if len(states) > 1 and not grad else None
         for s in states:
             s.kv_tokens += ids.shape[1]
         return out.logits, bindings
@@ -216,13 +218,14 @@ class Runtime:
 
     def _fire_writes(self, states: list[FastWeights], next_tokens: Tensor, graphs: dict[int, ChunkGraph]) -> None:
         C = self.config.chunk_size
-        for b, s in enumerate(states):
-            if not len(s.pending):
-                continue
-            self.rule.resolve(self, s, int(next_tokens[b]))
+        tokens = next_tokens.tolist()
+        waiting = [b for b, s in enumerate(states) if len(s.pending)]
+        self.rule.resolve_rows(self, [states[b] for b in waiting], [tokens[b] for b in waiting])
+        for b in waiting:
+            s = states[b]
             if s.pending.chunk == s.tokens_seen // C:
                 continue
-            writes = self.rule.writes_for(self, s, int(next_tokens[b]), graphs.get(id(s)))
+            writes = self.rule.writes_for(self, s, tokens[b], graphs.get(id(s)))
             self._apply_writes(s, writes)
             s.pending.clear()
 

@@ -85,6 +85,11 @@ class Rule:
     def resolve(self, rt: Runtime, state: FastWeights, next_token: int) -> None:
         """Called when ``next_token`` is fed: the pending position before it now has its label."""
 
+    def resolve_rows(self, rt: Runtime, states: list[FastWeights], next_tokens: list[int]) -> None:
+        """``resolve`` for every row of a call; rules may override it to do all rows in one batched step."""
+        for state, token in zip(states, next_tokens):
+            self.resolve(rt, state, token)
+
     def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
         """The writes of the completed pending chunk of ``state``; ``next_token`` labels its last position."""
         return []

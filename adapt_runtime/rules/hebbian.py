@@ -109,14 +109,22 @@ class HebbianRule(Rule):
             state.pending.add_target("inv_rms", segment.final_inv_rms)
 
     def resolve(self, rt: Runtime, state: FastWeights, next_token: int) -> None:
-        pending = state.pending
-        missing = len(pending) - pending.target_len("nll")
-        if missing == 1 and pending.positions[-1] == state.tokens_seen - 1 and state.last_logits is not None:
-            label = torch.tensor([next_token], device=state.spec.device)
-            v, nll = self._targets(state.last_logits[None], label)
+        self.resolve_rows(rt, [state], [next_token])
+
+    def resolve_rows(self, rt: Runtime, states: list[FastWeights], next_tokens: list[int]) -> None:
+        """Targets of each row's last fed position, now labelled by ``next_tokens``, in one batched step."""
+        rows = [(s, t) for s, t in zip(states, next_tokens)
+                if len(s.pending) - s.pending.target_len("nll") == 1
+                and s.pending.positions[-1] == s.tokens_seen - 1 and s.last_logits is not None]
+        if not rows:
+            return
+        logits = torch.stack([s.last_logits for s, _ in rows])
+        labels = torch.tensor([t for _, t in rows], device=logits.device)
+        v, nll = self._targets(logits, labels)
+        for i, (s, _) in enumerate(rows):
             if v is not None:
-                pending.add_target("v", v)
-            pending.add_target("nll", nll)
+                s.pending.add_target("v", v[i : i + 1])
+            s.pending.add_target("nll", nll[i : i + 1])
 
     def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
         pending = state.pending

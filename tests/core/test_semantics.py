@@ -147,3 +147,25 @@ def test_bad_inputs_are_rejected():
     other = patched("hebbian")
     with pytest.raises(ValueError, match="another runtime"):
         rt.forward([1, 2], other.new_state())
+
+
+@pytest.mark.parametrize("rule", WRITING)
+def test_batched_decode_steps_equal_rows_alone(rule):
+    """Consecutive one-token steps of the same rows (the server's decode loop, which reuses the padded cache)."""
+    rt = patched(rule, chunk_size=4)
+    prefixes = [tokens(5, seed=1), tokens(11, seed=2), tokens(2, seed=3)]
+    alone = [rt.new_state() for _ in prefixes]
+    batched = [rt.new_state() for _ in prefixes]
+    for prefix, a, b in zip(prefixes, alone, batched):
+        rt.forward(prefix, a)
+        rt.forward(prefix, b)
+    steps = torch.stack([tokens(9, seed=20 + i) for i in range(3)])
+    for t in range(steps.shape[1]):
+        if t == 5:
+            batched[1].drop_kv()  # a row changed between steps: the next step must rebuild the batch
+            alone[1].drop_kv()
+        got = rt.forward(steps[:, t : t + 1], batched)
+        expected = torch.cat([rt.forward(steps[i, t : t + 1], s) for i, s in enumerate(alone)])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for a, b in zip(alone, batched):
+        assert a.writes == b.writes > 0 and a.kv_len == b.kv_len
