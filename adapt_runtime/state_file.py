@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +10,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from adapt_runtime.atomic import atomic_write
 from adapt_runtime.errors import StateFileError
 from adapt_runtime.state import FastWeights
 
@@ -53,19 +52,7 @@ def state_to_bytes(state: FastWeights, include_kv: bool = True) -> bytes:
 
 def save_state(state: FastWeights, path: str | Path, include_kv: bool = True) -> None:
     """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then rename."""
-    path = Path(path)
-    data = state_to_bytes(state, include_kv=include_kv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, state_to_bytes(state, include_kv=include_kv))
 
 
 def _check(meta: dict[str, str], key: str, expected: str, what: str) -> None:

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from adapt_runtime.eval.atomic import atomic_open, write_json
+from adapt_runtime.eval.atomic import write_json
 from adapt_runtime.eval.config import BASELINE, ConfigError, RunConfig, config_hash
 from adapt_runtime.eval.episode import Episode, data_hash
 from adapt_runtime.eval.scoring import score_episode
 from adapt_runtime.eval.tasks import TaskSpec, get_task
 from tqdm.auto import tqdm
+
+from adapt_runtime.atomic import atomic_open
 
 RUN_FILES = ("config.json", "samples.jsonl", "results.json", "report.md")
 
@@ -145,7 +147,7 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, progress: bool = 
     fingerprint = ""
     timing: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out / "samples.jsonl") as f:
+    with atomic_open(out / "samples.jsonl", "w") as f:
         for rule in config.rules:
             model, tokenizer = ar.load_model(config.model)
             if not episodes:

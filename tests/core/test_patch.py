@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, tiny_model, tokens
+from core_testing import TINY_CONFIGS, tiny_model, tokens
 
 import adapt_runtime as ar
 from adapt_runtime.architectures import ARCHITECTURES, get_path

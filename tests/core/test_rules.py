@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_model, tokens
+from core_testing import VOCAB, tiny_model, tokens
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import patched, tokens
+from core_testing import patched, tokens
 
 import adapt_runtime as ar
 
