@@ -1,8 +1,8 @@
 """Per-session memory: a session that read a text scores it better with no context; other sessions do not
 change by a single bit. Run for the Hebbian (error target) and the gradient rule on the bundled model.
 
-The learning rates are above the rules' defaults so that one pass over a 130-token text moves its NLL by
-about a third (measured on this text: hebbian lr 5 -> -37%, gradient lr 2 -> -38%); the check asks for 20%.
+The rules run at their defaults: one pass over this 139-token text lowers its NLL by about a third (measured
+with the runtime directly: hebbian -31.7%, gradient -34.9%); the check asks for 20%.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from serve_testing import MODEL, Server
 TEXT = ("The old lighthouse keeper counted seventeen gulls on the red roof every morning, and he wrote each "
         "number in a green notebook that smelled of salt and pepper. One windy Tuesday a purple kite landed "
         "beside the lamp, carrying a note from a girl named Odile.")
-RULES = {"hebbian": {"lr": 5.0}, "gradient": {"lr": 2.0}}
+RULES = {"hebbian": {}, "gradient": {}}  # the runtime defaults
 
 
 @pytest.fixture(scope="module", params=sorted(RULES))
