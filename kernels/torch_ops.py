@@ -27,14 +27,6 @@ def apply_torch(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor 
     return y
 
 
-def write_norms(V: Tensor, X: Tensor, beta: Tensor | None) -> Tensor:
-    """Frobenius norms of ``V_r^T diag(beta_r) X_r`` unformed: ``sqrt(sum((Vb Vb^T) * (X X^T)))``."""
-    v = V.float() if beta is None else V.float() * beta.float().unsqueeze(-1)
-    x = X.float()
-    gram = torch.bmm(v, v.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))
-    return gram.sum(dim=(1, 2)).clamp_min(0).sqrt()
-
-
 def write_scales(norms: Tensor, max_norm: Tensor | None) -> Tensor:
     """Per-row factor applied to the write: the Frobenius clip, and 0 for a non-finite write."""
     scale = torch.ones_like(norms)
