@@ -10,7 +10,7 @@ from adapt_runtime.serving.events import PromptScored, Token
 from adapt_runtime.serving.generation import Generation, respond
 from adapt_runtime.serving.protocol import ChatCompletionRequest
 from adapt_runtime.serving.scheduler import Job
-from adapt_runtime.serving.turn import open_turn
+from adapt_runtime.serving.turn import Turn, start_turn
 from fastapi import Request
 from starlette.responses import Response
 
@@ -28,21 +28,13 @@ async def create_chat_completion(ctx: ServerContext, request: Request, body: Cha
     ctx.engine.check_length(len(ids), max_tokens)
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling(body, max_tokens, k)
-    ctx.admit()
-    try:
-        turn = await open_turn(ctx, request, body.session_id, body.adapt)
-    except BaseException:
-        ctx.leave()
-        raise
-    try:
+    def plan(turn: Turn) -> list:
         if turn.session is not None and body.n > 1:
             raise APIError(400, "a session turn takes n = 1; fork the session for alternatives",
                            "invalid_session_request", "n")
-        planned = [ctx.engine.plan(turn.state, ids, False, max_tokens)]
-    except BaseException:
-        await turn.close()
-        ctx.leave()
-        raise
+        return [ctx.engine.plan(turn.state, ids, False, max_tokens)]
+
+    turn, planned = await start_turn(ctx, request, body.session_id, body.adapt, plan)
     job = Job(planned, body.n, params, body.adapt, ctx.engine.stop_ids(body.stop_token_ids, body.ignore_eos),
               emit=lambda _: None)
     fmt = ChatFormat(ctx.engine.detok, k)

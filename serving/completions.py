@@ -14,7 +14,7 @@ from adapt_runtime.serving.generation import Generation, respond
 from adapt_runtime.serving.protocol import CompletionRequest
 from adapt_runtime.serving.sampling import SamplingParams
 from adapt_runtime.serving.scheduler import Job
-from adapt_runtime.serving.turn import open_turn
+from adapt_runtime.serving.turn import Turn, start_turn
 from fastapi import Request
 from starlette.responses import Response
 
@@ -49,22 +49,14 @@ async def create_completion(ctx: ServerContext, request: Request, body: Completi
     for ids, _ in prompts:
         ctx.engine.check_length(len(ids), max_tokens)
     params = sampling(body, max_tokens, body.logprobs)
-    ctx.admit()
-    try:
-        turn = await open_turn(ctx, request, body.session_id, body.adapt)
-    except BaseException:
-        ctx.leave()
-        raise
-    try:
+    def plan(turn: Turn) -> list:
         if turn.session is not None and (len(prompts) > 1 or body.n > 1):
             raise APIError(400, "a session turn takes one prompt and n = 1; fork the session for alternatives",
                            "invalid_session_request", "n" if body.n > 1 else "prompt")
         states = [turn.state] if turn.session is not None else [ctx.engine.rt.new_state() for _ in prompts]
-        planned = [ctx.engine.plan(s, ids, body.echo, max_tokens) for s, (ids, _) in zip(states, prompts)]
-    except BaseException:
-        await turn.close()
-        ctx.leave()
-        raise
+        return [ctx.engine.plan(s, ids, body.echo, max_tokens) for s, (ids, _) in zip(states, prompts)]
+
+    turn, planned = await start_turn(ctx, request, body.session_id, body.adapt, plan)
     job = Job(planned, body.n, params, body.adapt, ctx.engine.stop_ids(body.stop_token_ids, body.ignore_eos),
               emit=lambda _: None)
     fmt = CompletionFormat(ctx.engine.detok, prompts, body.echo, body.logprobs)

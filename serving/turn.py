@@ -7,12 +7,15 @@ errors and disconnects. The committed state is never touched while the turn runs
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from adapt_runtime.serving.context import ServerContext, principal_of
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.sessions import Session, check_session_id
 from fastapi import Request
+
+T = TypeVar("T")
 
 SESSION_HEADER = "X-Session-ID"
 
@@ -81,3 +84,21 @@ async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, a
         ctx.store.release(session)
         raise
     return Turn(ctx, session, working, adapt)
+
+
+async def start_turn(ctx: ServerContext, request: Request, body_id: str | None, adapt: bool,
+                     plan: Callable[[Turn], T]) -> tuple[Turn, T]:
+    """Admit a request, open its turn and plan its work with ``plan(turn)``; if any step fails, what was
+    taken is given back (the turn closed, the admission left) before the error propagates."""
+    ctx.admit()
+    try:
+        turn = await open_turn(ctx, request, body_id, adapt)
+    except BaseException:
+        ctx.leave()
+        raise
+    try:
+        return turn, plan(turn)
+    except BaseException:
+        await turn.close()
+        ctx.leave()
+        raise
