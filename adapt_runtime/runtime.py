@@ -273,6 +273,13 @@ class Runtime:
         return ChunkGraph(logits[0], {i: r.records["x"][0] for i, r in bindings.items()},
                           {i: r.records["probe"] for i, r in bindings.items()}, rows)
 
+    def read(self, input_ids: Tensor | Sequence[int], state: FastWeights, window: int | None = None,
+             progress: bool = False, on_window=None):
+        """Read a document of any length into ``state``, window by window (see ``adapt_runtime.read``)."""
+        from adapt_runtime.read import read
+
+        return read(self, input_ids, state, window=window, progress=progress, on_window=on_window)
+
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids: Tensor | Sequence[int], state: FastWeights, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
