@@ -1,14 +1,11 @@
-"""Fixtures for the cluster tests: a real redis-server per module; everything skips without the ``ray`` extra."""
+"""Cluster test fixtures: a real redis-server per module (each test module skips without the ``ray`` extra)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-
-pytest.importorskip("redis", reason="the cluster tests need the ray extra: pip install -e '.[ray]'")
-
-from redis_testing import RedisServer  # noqa: E402
+from redis_testing import RedisServer
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
-from adapt_runtime.serving.cluster.lease import LeaseBusy, LeaseConfig, LeaseStore, StoreUnavailable
+
+redis = pytest.importorskip("redis", reason="needs the ray extra: pip install -e '.[ray]'")
+
+from adapt_runtime.serving.cluster.lease import LeaseBusy, LeaseConfig, LeaseStore, StoreUnavailable  # noqa: E402
 
 
 @pytest.fixture()

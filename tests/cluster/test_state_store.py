@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
-from adapt_runtime.serving.cluster.blobs import BlobStore
-from adapt_runtime.serving.cluster.lease import LeaseConfig, LeaseStore
-from adapt_runtime.serving.cluster.state_store import CommitRejected, StateStore
+
+redis = pytest.importorskip("redis", reason="needs the ray extra: pip install -e '.[ray]'")
+
+from adapt_runtime.serving.cluster.blobs import BlobStore  # noqa: E402
+from adapt_runtime.serving.cluster.lease import LeaseConfig, LeaseStore  # noqa: E402
+from adapt_runtime.serving.cluster.state_store import CommitRejected, StateStore  # noqa: E402
 
 
 @pytest.fixture()
