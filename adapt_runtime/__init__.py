@@ -12,6 +12,8 @@ from adapt_runtime.errors import (
     AdaptRuntimeError,
     AlreadyPatchedError,
     ContextOverflowError,
+    IncompatibleStateError,
+    MalformedStateError,
     ModelNotFoundError,
     StateFileError,
     UnsupportedArchitectureError,
@@ -30,5 +32,5 @@ __all__ = [
     "ALIASES", "RULES", "AdaptRuntimeError", "AlreadyPatchedError", "ContextOverflowError", "FastWeights",
     "ModelNotFoundError", "Rule", "Runtime", "RuntimeConfig", "StateFileError", "UnsupportedArchitectureError",
     "bundled_model_dir", "load_model", "load_state", "make_rule", "patch", "sample", "select_layers",
-    "state_from_bytes",
+    "state_from_bytes", "IncompatibleStateError", "MalformedStateError",
 ]

@@ -23,3 +23,11 @@ class StateFileError(AdaptRuntimeError, ValueError):
 
 class ContextOverflowError(AdaptRuntimeError, ValueError):
     """A forward that would grow a state's KV cache past the model's maximum length."""
+
+
+class MalformedStateError(StateFileError):
+    """A state file that is damaged or holds values no run of this runtime produces (the server answers 400)."""
+
+
+class IncompatibleStateError(StateFileError):
+    """A well-formed state file written for another model, rule, rule options or format (the server answers 409)."""

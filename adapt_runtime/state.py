@@ -125,10 +125,11 @@ class FastWeights:
 
         save_state(self, path, include_kv=include_kv)
 
-    def to_bytes(self, include_kv: bool = True) -> bytes:
+    def to_bytes(self, include_kv: bool = True, extra_metadata: dict[str, str] | None = None) -> bytes:
+        """The state file's bytes; ``extra_metadata`` is stored in its header (see ``state_file.state_to_bytes``)."""
         from adapt_runtime.state_file import state_to_bytes
 
-        return state_to_bytes(self, include_kv=include_kv)
+        return state_to_bytes(self, include_kv=include_kv, extra_metadata=extra_metadata)
 
     def __repr__(self) -> str:
         return (

@@ -11,17 +11,21 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from adapt_runtime.atomic import atomic_write
-from adapt_runtime.errors import StateFileError
+from adapt_runtime.errors import IncompatibleStateError, MalformedStateError, StateFileError
 from adapt_runtime.state import FastWeights
+from adapt_runtime.state_validation import check_compatible, check_tensors, header_metadata, read_counters
 
 if TYPE_CHECKING:
     from adapt_runtime.runtime import Runtime
 
 FORMAT = "adapt-runtime-state"
 FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
 
 
-def state_to_bytes(state: FastWeights, include_kv: bool = True) -> bytes:
+def state_to_bytes(state: FastWeights, include_kv: bool = True, extra_metadata: dict[str, str] | None = None) -> bytes:
+    """The state as safetensors bytes; ``extra_metadata`` (e.g. a server's session record) rides in the header,
+    so it is written in the same atomic write as the tensors (loading ignores it)."""
     spec = state.spec
     tensors = {f"S.{k}": s.contiguous() for k, s in state.S.items() if s is not None}
     tensors.update({k: v.contiguous() for k, v in state.pending.tensors().items()})
@@ -47,6 +51,10 @@ def state_to_bytes(state: FastWeights, include_kv: bool = True) -> bytes:
              "kv_tokens": state.kv_len if include_kv else 0}
         ),
     }
+    clash = set(extra_metadata or {}) & set(metadata)
+    if clash:
+        raise ValueError(f"extra metadata may not replace the state's own keys {sorted(clash)}")
+    metadata.update(extra_metadata or {})
     return st_save({k: v.detach().cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
@@ -55,66 +63,52 @@ def save_state(state: FastWeights, path: str | Path, include_kv: bool = True) ->
     atomic_write(path, state_to_bytes(state, include_kv=include_kv))
 
 
-def _check(meta: dict[str, str], key: str, expected: str, what: str) -> None:
-    if meta.get(key) != expected:
-        raise StateFileError(f"state file does not match this runtime: {what} is {meta.get(key)!r}, "
-                             f"the runtime has {expected!r}")
-
-
 def state_from_bytes(data: bytes, rt: Runtime) -> FastWeights:
-    """Rebuild a state from ``state_to_bytes`` output; raises ``StateFileError`` on corruption or mismatch."""
-
+    """Rebuild a state from ``state_to_bytes`` output, after checking every tensor and counter against ``rt``
+    (see ``adapt_runtime.state_validation``). Raises ``IncompatibleStateError`` for a file of another model, rule
+    or format and ``MalformedStateError`` for anything else wrong (both are ``StateFileError``)."""
+    meta = header_metadata(data)
     try:
         tensors = st_load(data)
-        meta = _metadata(data)
     except Exception as err:  # safetensors raises several types for damaged bytes
-        raise StateFileError(f"state file is corrupt or not a safetensors file: {err}") from None
+        raise MalformedStateError(f"state file is corrupt or not a safetensors file: {err}") from None
     if meta.get("format") != FORMAT:
-        raise StateFileError("not an adapt-runtime state file (missing format metadata)")
+        raise MalformedStateError("not an adapt-runtime state file (missing format metadata)")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise StateFileError(f"unsupported state format version {meta.get('format_version')!r}")
+        raise IncompatibleStateError(f"unsupported state format version {meta.get('format_version')!r}")
     spec = rt.state_spec
-    _check(meta, "fingerprint", spec.fingerprint, "the base model fingerprint")
-    _check(meta, "rule", spec.rule, "the rule")
-    _check(meta, "layers", json.dumps(list(spec.layers)), "the plastic layers")
-    _check(meta, "chunk_size", str(spec.chunk_size), "the chunk size")
-    _check(meta, "state_dtype", str(spec.dtype).removeprefix("torch."), "the state dtype")
+    check_compatible(meta, spec)
+    counters = read_counters(meta)
+    check_tensors(tensors, counters, rt)
     state = rt.new_state()
-    try:
-        for layer, (d, f) in zip(spec.layers, spec.shapes):
-            s = tensors.get(f"S.{layer}")
-            if s is not None:
-                if tuple(s.shape) != (d, f) or s.dtype != spec.dtype:
-                    raise StateFileError(f"S of layer {layer} has shape {tuple(s.shape)}, expected {(d, f)}")
-                if not torch.isfinite(s).all():
-                    raise StateFileError(f"S of layer {layer} holds non-finite values")
-                state.S[layer] = s.to(spec.device)
-        counters = json.loads(meta["counters"])
-        state.tokens = tensors["tokens"].tolist()
-        state.pending.load_tensors({k: v.to(spec.device) for k, v in tensors.items() if k.startswith("pending.")
-                                    and k != "pending.positions"})
-        state.pending.positions = tensors["pending.positions"].tolist()
-        state.pending.chunk = int(counters["pending_chunk"])
-        if "last_logits" in tensors:
-            state.last_logits = tensors["last_logits"].to(spec.device)
-        n_kv = sum(1 for k in tensors if k.startswith("kv.") and k.endswith(".k"))
-        if n_kv:
-            state.kv = [(tensors[f"kv.{i}.k"].to(spec.device), tensors[f"kv.{i}.v"].to(spec.device))
-                        for i in range(n_kv)]
-            state.kv_tokens = int(counters["kv_tokens"])
-        state.writes, state.refused_writes = int(counters["writes"]), int(counters["refused_writes"])
-        state.bump()
-    except StateFileError:
-        raise
-    except (KeyError, ValueError, TypeError) as err:
-        raise StateFileError(f"state file is incomplete or malformed: {err}") from None
+    for layer in spec.layers:
+        if f"S.{layer}" in tensors:
+            state.S[layer] = tensors[f"S.{layer}"].to(spec.device)
+    state.tokens = tensors["tokens"].tolist()
+    state.pending.load_tensors({k: v.to(spec.device) for k, v in tensors.items() if k.startswith("pending.")
+                                and k != "pending.positions"})
+    state.pending.positions = tensors["pending.positions"].tolist()
+    state.pending.chunk = counters["pending_chunk"]
+    if "last_logits" in tensors:
+        state.last_logits = tensors["last_logits"].to(spec.device)
+    n_kv = sum(1 for k in tensors if k.startswith("kv.") and k.endswith(".k"))
+    if n_kv:
+        state.kv = [(tensors[f"kv.{i}.k"].to(spec.device), tensors[f"kv.{i}.v"].to(spec.device))
+                    for i in range(n_kv)]
+        state.kv_tokens = counters["kv_tokens"]
+    state.writes, state.refused_writes = counters["writes"], counters["refused_writes"]
+    state.bump()
     return state
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    return dict(header.get("__metadata__", {}))
+def file_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a state file, read from its header alone (the tensors are not read)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < size <= MAX_HEADER_BYTES:
+            raise MalformedStateError(f"{path} is not a safetensors file (header length {size})")
+        return header_metadata(head + handle.read(size))
 
 
 def load_state(path: str | Path, rt: Runtime) -> FastWeights:

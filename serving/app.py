@@ -21,7 +21,7 @@ from adapt_runtime.serving.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from adapt_runtime.serving.session_routes import STATE_PATH_SUFFIX
+from adapt_runtime.serving.session_routes import is_state_route
 from adapt_runtime.serving.session_routes import router as session_router
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
@@ -153,6 +153,6 @@ def build_app(ctx: ServerContext) -> Any:
     state_limit = max(ctx.config.max_request_bytes, _state_bytes_bound(ctx.engine.rt))
 
     def body_limit(path: str) -> int:
-        return state_limit if path.endswith(STATE_PATH_SUFFIX) else ctx.config.max_request_bytes
+        return state_limit if is_state_route(path) else ctx.config.max_request_bytes
 
     return Guard(app, ApiKeys(ctx.config.api_keys), body_limit)

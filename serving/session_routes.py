@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import re
 from typing import Annotated, Any
 
 from adapt_runtime.serving.context import ctx_of, principal_of
@@ -19,25 +19,27 @@ STATE_MEDIA_TYPE = "application/octet-stream"
 STATE_PATH_SUFFIX = "/state"
 
 
+STATE_ROUTE = re.compile(r"/v1/sessions/[^/]+/state")
+
+
+def is_state_route(path: str) -> bool:
+    """True for ``/v1/sessions/{id}/state`` alone: the one route whose body may be a whole state file (the
+    larger body limit applies to it, every other path keeps ``--max-request-bytes``)."""
+    return STATE_ROUTE.fullmatch(path) is not None
+
+
 def decode_state(data: bytes, rt: Any) -> Any:
-    """Bytes -> a state for ``rt``: 400 when they are not a state file, 409 when they are one for another
-    model or rule (the runtime checks the fingerprint, rule, layers, chunk size and dtype)."""
+    """Bytes -> a state for ``rt``: 409 when they are a well-formed state of another model, rule, rule options or
+    format version, 400 for anything else wrong (every tensor and counter is checked; see
+    ``adapt_runtime.state_validation``). Nothing is changed on a refusal."""
     if not data:
         raise APIError(400, "the body is empty; send the bytes of an exported state", "invalid_state")
     try:
         return ar.state_from_bytes(data, rt)
+    except ar.IncompatibleStateError as err:
+        raise APIError(409, str(err), "session_incompatible") from None
     except ar.StateFileError as err:
-        status, code = (409, "session_incompatible") if _is_state_file(data) else (400, "invalid_state")
-        raise APIError(status, str(err), code) from None
-
-
-def _is_state_file(data: bytes) -> bool:
-    try:
-        size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + size]) if 0 < size < len(data) else {}
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(header, dict) and header.get("__metadata__", {}).get("format") == "adapt-runtime-state"
+        raise APIError(400, str(err), "invalid_state") from None
 
 
 @router.post("/v1/sessions", status_code=201)
