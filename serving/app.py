@@ -21,6 +21,7 @@ from adapt_runtime.serving.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from adapt_runtime.serving.read_routes import router as read_router
 from adapt_runtime.serving.session_routes import is_state_route
 from adapt_runtime.serving.session_routes import router as session_router
 from fastapi import APIRouter, FastAPI, Request
@@ -149,6 +150,7 @@ def build_app(ctx: ServerContext) -> Any:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(session_router)
+    app.include_router(read_router)
     ctx.metrics.watch_sessions(ctx.store.counts, ctx.store.resident_bytes)
     state_limit = max(ctx.config.max_request_bytes, _state_bytes_bound(ctx.engine.rt))
 

@@ -9,6 +9,7 @@ from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import PromptScored, Token
 from adapt_runtime.serving.generation import Generation, respond
 from adapt_runtime.serving.protocol import ChatCompletionRequest
+from adapt_runtime.serving.read_routes import split_long_prompt
 from adapt_runtime.serving.scheduler import Job
 from adapt_runtime.serving.turn import Turn, start_turn
 from fastapi import Request
@@ -24,17 +25,23 @@ async def create_chat_completion(ctx: ServerContext, request: Request, body: Cha
     ctx.check_model(body.model)
     ids = chat_prompt(ctx, body)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    long = split_long_prompt(ctx, request, body, ids, requested)
+    ids = ids if long is None else long.tail
     max_tokens = requested if requested is not None else max(ctx.engine.max_len - len(ids), 0)
     ctx.engine.check_length(len(ids), max_tokens)
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling(body, max_tokens, k)
     def plan(turn: Turn) -> list:
+        if long is not None:
+            long.prepare(turn)
         if turn.session is not None and body.n > 1:
             raise APIError(400, "a session turn takes n = 1; fork the session for alternatives",
                            "invalid_session_request", "n")
         return [ctx.engine.plan(turn.state, ids, False, max_tokens)]
 
     turn, planned = await start_turn(ctx, request, body.session_id, body.adapt, plan)
+    if long is not None:
+        await long.read(ctx, turn)
     job = Job(planned, body.n, params, body.adapt, ctx.engine.stop_ids(body.stop_token_ids, body.ignore_eos),
               emit=lambda _: None)
     fmt = ChatFormat(ctx.engine.detok, k)

@@ -78,6 +78,9 @@ def _seconds(value: str) -> float:
               help="Torch CPU threads; default: torch's own. Small models decode fastest with 1 (extra threads "
                    "mostly spin, and starve when the machine is shared).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+@click.option("--max-read-tokens", type=int, default=262144, show_default=True,
+              help="Most tokens one request may read into a session's memory (POST /v1/sessions/{id}/read, and "
+                   "the overflow of a long_prompt request).")
               show_default=True, help="Server log verbosity.")
 def main(api_keys: tuple[str, ...], api_key_file: Path | None, rule_config: str | None,
          session_memory_budget: str, session_ttl: str, max_request_bytes: str, log_level: str,

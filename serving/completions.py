@@ -12,6 +12,7 @@ from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import PromptScored, Token
 from adapt_runtime.serving.generation import Generation, respond
 from adapt_runtime.serving.protocol import CompletionRequest
+from adapt_runtime.serving.read_routes import split_long_prompt
 from adapt_runtime.serving.sampling import SamplingParams
 from adapt_runtime.serving.scheduler import Job
 from adapt_runtime.serving.turn import Turn, start_turn
@@ -44,12 +45,16 @@ async def create_completion(ctx: ServerContext, request: Request, body: Completi
     if body.suffix:
         raise APIError(400, "suffix is not supported", "unsupported_parameter", "suffix")
     prompts = prompt_ids(ctx, body.prompt)
+    long = split_long_prompt(ctx, request, body, prompts[0][0], body.max_tokens) if len(prompts) == 1 else None
+    prompts = prompts if long is None else [(long.tail, None)]
     longest = max(len(ids) for ids, _ in prompts)
     max_tokens = body.max_tokens if body.max_tokens is not None else max(ctx.engine.max_len - longest, 0)
     for ids, _ in prompts:
         ctx.engine.check_length(len(ids), max_tokens)
     params = sampling(body, max_tokens, body.logprobs)
     def plan(turn: Turn) -> list:
+        if long is not None:
+            long.prepare(turn)
         if turn.session is not None and (len(prompts) > 1 or body.n > 1):
             raise APIError(400, "a session turn takes one prompt and n = 1; fork the session for alternatives",
                            "invalid_session_request", "n" if body.n > 1 else "prompt")
@@ -57,6 +62,8 @@ async def create_completion(ctx: ServerContext, request: Request, body: Completi
         return [ctx.engine.plan(s, ids, body.echo, max_tokens) for s, (ids, _) in zip(states, prompts)]
 
     turn, planned = await start_turn(ctx, request, body.session_id, body.adapt, plan)
+    if long is not None:
+        await long.read(ctx, turn)
     job = Job(planned, body.n, params, body.adapt, ctx.engine.stop_ids(body.stop_token_ids, body.ignore_eos),
               emit=lambda _: None)
     fmt = CompletionFormat(ctx.engine.detok, prompts, body.echo, body.logprobs)

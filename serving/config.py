@@ -33,11 +33,13 @@ class ServerConfig:
     dtype: str | None = None
     device: str | None = None
     threads: int | None = None
+    max_read_tokens: int = 262144
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(RULES)}")
-        positive = ("max_sessions", "session_memory_budget", "max_request_bytes", "max_concurrent_requests")
+        positive = ("max_sessions", "session_memory_budget", "max_request_bytes", "max_concurrent_requests",
+                    "max_read_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")

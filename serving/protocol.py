@@ -48,6 +48,8 @@ class _Generation(BaseModel):
     user: str | None = None
     session_id: str | None = Field(None, max_length=128, description="extension: the session to continue")
     adapt: bool = Field(True, description="extension: false applies the session's fast weights without writing")
+    long_prompt: bool = Field(False, description="extension: in a session, a prompt longer than the context is "
+                              "read into the fast weights first and answered from its last window")
 
     @field_validator("stop")
     @classmethod

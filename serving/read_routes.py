@@ -1,0 +1,221 @@
+"""``POST /v1/sessions/{id}/read``: read a document of any length into a session's fast weights.
+
+The document is read as ``rt.read`` reads it (``adapt_runtime.read``): windows no longer than the context, the
+KV dropped before each, S learning throughout. Each window is one job of the model thread (a prompt read with
+its scores and no answer), so other sessions keep decoding between windows and the event loop never waits on
+the model. The read is a turn: it holds the session (409 while another turn runs), works on a copy of its state,
+commits when the last window is read, and rolls back on an error or a client that goes away. ``"stream": true``
+sends one ``session.read.progress`` event per window, then the result, then ``[DONE]``.
+
+The same reading serves long prompts in a session (``"long_prompt": true`` on completions and chat): the part
+that does not fit is read first, and the answer is generated from the last window (``split_long_prompt``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from adapt_runtime.serving.context import ServerContext, ctx_of
+from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.events import Failed, PromptScored
+from adapt_runtime.serving.generation import _race_disconnect, as_api_error
+from adapt_runtime.serving.sampling import SamplingParams
+from adapt_runtime.serving.scheduler import Job, Prompt
+from adapt_runtime.serving.turn import SESSION_HEADER, Turn, session_id_of, start_turn
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from adapt_runtime.read import DEFAULT_MAX_WINDOW, ReadResult, mean_or_nan, window_spans
+
+router = APIRouter()
+_SCORE_ONLY = SamplingParams(max_tokens=0, logprobs=0)
+
+
+class ReadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] | None = None
+    window: int | None = Field(None, ge=1, description="tokens per context window (default: the context)")
+    add_special_tokens: bool = Field(True, description="tokenize text with the tokenizer's BOS")
+    stream: bool = False
+
+
+def read_window(ctx: ServerContext, requested: int | None) -> int:
+    limit = min(ctx.engine.max_len, DEFAULT_MAX_WINDOW)
+    if requested is None:
+        return limit
+    if requested > ctx.engine.max_len:
+        raise APIError(400, f"window {requested} is longer than the context of {ctx.engine.max_len} tokens",
+                       "invalid_window", "window")
+    return requested
+
+
+def check_read_length(ctx: ServerContext, count: int, param: str) -> None:
+    if count == 0:
+        raise APIError(400, "the document is empty after tokenization", "empty_document", param)
+    limit = ctx.config.max_read_tokens
+    if count > limit:
+        raise APIError(400, f"the document has {count} tokens; this server reads at most {limit} per request "
+                       "(--max-read-tokens); send it in parts", "read_too_long", param)
+
+
+class DocumentRead:
+    """One read of ``ids`` into ``turn.state``: ``windows()`` yields a progress dict per window."""
+
+    def __init__(self, ctx: ServerContext, turn: Turn, ids: list[int], window: int) -> None:
+        self.ctx, self.turn, self.ids, self.window = ctx, turn, ids, window
+        self.spans = window_spans(turn.state.tokens_seen, len(ids), window, ctx.engine.rt.config.chunk_size)
+        self.writes0, self.refused0 = turn.state.writes, turn.state.refused_writes
+        self.nll: list[float] = []
+        self.started = time.perf_counter()
+
+    async def windows(self) -> AsyncIterator[dict[str, Any]]:
+        state = self.turn.state
+        for k, (a, b) in enumerate(self.spans):
+            piece = self.ids[a:b]
+            state.drop_kv()
+            job = Job([Prompt(state, piece, piece, echo=True)], 1, _SCORE_ONLY, True, frozenset(),
+                      emit=lambda _: None)
+            scores = None
+            async for event in self.ctx.engine.run(job):
+                if isinstance(event, PromptScored):
+                    scores = event.logprobs
+                elif isinstance(event, Failed):
+                    raise as_api_error(event.error)
+            self.ctx.metrics.prompt_tokens.inc(len(piece))
+            self.nll.append(mean_or_nan([-s[0] for s in (scores or [])[1:]]))
+            yield {"object": "session.read.progress", "window": k + 1, "windows": len(self.spans),
+                   "tokens_read": b, "tokens": len(self.ids), "nll": _num(self.nll[-1]),
+                   "writes": state.writes - self.writes0}
+
+    def result(self) -> ReadResult:
+        state = self.turn.state
+        return ReadResult(len(self.ids), len(self.spans), state.writes - self.writes0,
+                          state.refused_writes - self.refused0, time.perf_counter() - self.started,
+                          tuple(self.nll))
+
+    def body(self) -> dict[str, Any]:
+        result = self.result()
+        return {"id": f"read-{uuid.uuid4().hex}", "object": "session.read", "session_id": self.turn.session_id,
+                "model": self.ctx.model_name, **result.to_dict(), "mean_nll": _num(result.mean_nll),
+                "committed": self.turn.committed, "tokens_seen": self.turn.state.tokens_seen}
+
+    async def run(self) -> dict[str, Any]:
+        """Read every window and commit; the whole response body."""
+        async for _ in self.windows():
+            pass
+        await self.turn.finish(self.turn.state)
+        return self.body()
+
+
+def _num(x: float) -> float | None:
+    return None if x != x else round(x, 6)
+
+
+def _frame(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+async def _finish(ctx: ServerContext, turn: Turn, outcome: str) -> None:
+    await turn.close()
+    ctx.leave()
+    ctx.metrics.requests.labels(endpoint="read", outcome=outcome).inc()
+
+
+@router.post("/v1/sessions/{session_id}/read")
+async def read_document(request: Request, session_id: str, body: ReadRequest) -> Response:
+    ctx = ctx_of(request)
+    if (body.text is None) == (body.tokens is None):
+        raise APIError(400, "send exactly one of text or tokens", "invalid_request", "text")
+    if body.tokens is not None:
+        ids = ctx.engine.check_ids(list(body.tokens), "tokens")
+    else:
+        ids = ctx.engine.encode(body.text or "", add_special_tokens=body.add_special_tokens)
+    check_read_length(ctx, len(ids), "tokens" if body.tokens is not None else "text")
+    window = read_window(ctx, body.window)
+    turn, _ = await start_turn(ctx, request, session_id, True, lambda _: None)
+    reading = DocumentRead(ctx, turn, ids, window)
+    headers = {SESSION_HEADER: turn.session_id or session_id}
+    if body.stream:
+        return StreamingResponse(_sse(ctx, reading), media_type="text/event-stream", headers=headers)
+    outcome = "error"
+    try:
+        folded = await _race_disconnect(reading.run(), request)
+        if folded is None:
+            outcome = "disconnected"
+            ctx.metrics.disconnects.inc()
+            return Response(status_code=499)
+        outcome = "ok"
+        return JSONResponse(folded, headers=headers)
+    finally:
+        await _finish(ctx, turn, outcome)
+
+
+async def _sse(ctx: ServerContext, reading: DocumentRead) -> AsyncIterator[bytes]:
+    outcome = "disconnected"
+    try:
+        async for progress in reading.windows():
+            yield _frame(progress)
+        await reading.turn.finish(reading.turn.state)
+        yield _frame(reading.body())
+        outcome = "ok"
+    except APIError as err:
+        outcome = "error"
+        yield _frame(err.body())
+    finally:
+        await _finish(ctx, reading.turn, outcome)
+    yield b"data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------------------------- long prompts
+@dataclass(frozen=True)
+class LongPrompt:
+    """A session prompt longer than the context: ``overflow`` is read into memory, ``tail`` is the prompt."""
+
+    overflow: list[int]
+    tail: list[int]
+    max_tokens: int
+
+    def prepare(self, turn: Turn) -> None:
+        """Before planning the tail: no KV, so the tail is read whole after the overflow."""
+        turn.state.drop_kv()
+
+    async def read(self, ctx: ServerContext, turn: Turn) -> None:
+        """Read the overflow into the turn's state (on the model thread); on failure give the turn back."""
+        try:
+            reading = DocumentRead(ctx, turn, self.overflow, read_window(ctx, None))
+            async for _ in reading.windows():
+                pass
+            turn.state.drop_kv()
+        except BaseException:
+            await turn.close()
+            ctx.leave()
+            raise
+
+
+def split_long_prompt(ctx: ServerContext, request: Request, body: Any, ids: list[int],
+                      requested: int | None) -> LongPrompt | None:
+    """The split of an opted-in (``long_prompt``) session prompt that does not fit the context, else None (the
+    request goes the usual way, where an over-long prompt is a 400). ``requested`` is the asked ``max_tokens``
+    (None: half the context for the prompt's last window, the rest for the answer)."""
+    max_len = ctx.engine.max_len
+    fits = len(ids) + (requested or 0) <= max_len
+    if not getattr(body, "long_prompt", False) or fits or session_id_of(request, body.session_id) is None:
+        return None
+    if body.n > 1 or getattr(body, "echo", False) or not body.adapt:
+        raise APIError(400, "long_prompt reads into the session's memory: it takes n = 1, adapt on and no echo",
+                       "invalid_session_request", "long_prompt")
+    if requested is not None and requested >= max_len:
+        raise APIError(400, f"max_tokens {requested} leaves no room in the context of {max_len} tokens",
+                       "context_length_exceeded", "max_tokens")
+    keep = max_len // 2 if requested is None else max_len - requested
+    overflow, tail = ids[: len(ids) - keep], ids[len(ids) - keep :]
+    check_read_length(ctx, len(overflow), "prompt")
+    return LongPrompt(overflow, tail, max_len - keep)
