@@ -1,0 +1,235 @@
+"""``import_lora``: a PEFT LoRA adapter on the plastic down projections as a fresh session state, S = (alpha/r) B A.
+
+Refused with ``LoraFormatError`` (not a well-formed adapter) or ``LoraIncompatibleError`` (made for another base
+model, targeting modules other than the runtime's plastic down projections or other layers, or using PEFT options
+that a plain delta on W0 cannot represent: DoRA, LoRA bias, modules_to_save, per-module alpha or rank patterns).
+rsLoRA scaling (alpha / sqrt(r)) is supported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load as st_load
+from torch import Tensor
+
+from adapt_runtime.lora_format import (
+    CONFIG_NAME,
+    FACTORS,
+    KEY_PREFIX,
+    METADATA_KEY,
+    WEIGHTS_NAME,
+    LoraFormatError,
+    LoraIncompatibleError,
+    base_model_name,
+    plastic_modules,
+    same_base_name,
+)
+from adapt_runtime.plastic import PlasticDown
+from adapt_runtime.state import FastWeights
+
+if TYPE_CHECKING:
+    from adapt_runtime.runtime import Runtime
+
+# PEFT options (with the value that means "off") that change what the adapter computes beyond (alpha/r) B A x
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "modules_to_save": None, "alpha_pattern": {},
+                "rank_pattern": {}, "target_parameters": None, "trainable_token_indices": None,
+                "layer_replication": None, "use_qalora": False, "megatron_config": None}
+
+
+def _parse_config(data: bytes) -> dict[str, Any]:
+    try:
+        config = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise LoraFormatError(f"{CONFIG_NAME} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"{CONFIG_NAME} must hold a JSON object")
+    if "peft_type" not in config:
+        raise LoraFormatError(f"{CONFIG_NAME} has no peft_type; this is not a PEFT adapter config")
+    if str(config["peft_type"]).upper() != "LORA":
+        raise LoraIncompatibleError(f"peft_type is {config['peft_type']!r}; only LORA adapters can seed a session")
+    for key, off in _UNSUPPORTED.items():
+        value = config.get(key, off)
+        if value not in (off, None, False, {}, []):
+            raise LoraIncompatibleError(f"the adapter uses {key}={value!r}, which a fast-weight delta on the down "
+                                        "projection cannot represent; export it without that option")
+    if config.get("bias", "none") not in ("none", None):
+        raise LoraIncompatibleError(f"the adapter trains biases (bias={config['bias']!r}); only bias='none' is "
+                                    "supported")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise LoraFormatError(f"{CONFIG_NAME}: {key} must be a positive number, got {value!r}")
+    if int(config["r"]) != config["r"]:
+        raise LoraFormatError(f"{CONFIG_NAME}: r must be an integer, got {config['r']!r}")
+    return config
+
+
+def _layer_index(key: str, layers_pattern: Any) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return None if match is None else int(match.group("idx"))
+
+
+def targets(config: dict[str, Any], key: str) -> bool:
+    """Whether PEFT would put a LoRA on the module named ``key`` (its target_modules, exclude_modules and
+    layers_to_transform rules)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return False
+        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+            return False
+    wanted = config.get("target_modules")
+    if isinstance(wanted, str):
+        return re.fullmatch(wanted, key) is not None
+    if not isinstance(wanted, list) or not (key in wanted or any(key.endswith(f".{t}") for t in wanted)):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(key, config.get("layers_pattern"))
+    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+
+
+def _leaf_modules(rt: Runtime) -> list[str]:
+    """Names of the model's leaf modules as in the unpatched model (a plastic wrapper counts as its base)."""
+    plastic = set(plastic_modules(rt))
+    def leaf(name: str, module: torch.nn.Module) -> bool:
+        inside = isinstance(module, PlasticDown) or any(name.startswith(p + ".") for p in plastic)
+        return not inside and next(module.children(), None) is None
+
+    return [name for name, module in rt.model.named_modules() if name in plastic or leaf(name, module)]
+
+
+def _check_targets(rt: Runtime, config: dict[str, Any]) -> set[str]:
+    wanted = config.get("target_modules")
+    if wanted == "all-linear":
+        raise LoraIncompatibleError("the adapter targets all linear layers; only the plastic down projections "
+                                    f"({', '.join(plastic_modules(rt))}) can seed a session")
+    if not isinstance(wanted, (str, list)) or not wanted:
+        raise LoraFormatError(f"{CONFIG_NAME}: target_modules must be a module name list or a regex string")
+    plastic = plastic_modules(rt)
+    matched = {name for name in _leaf_modules(rt) if targets(config, name)}
+    others = sorted(matched - set(plastic))
+    if others:
+        raise LoraIncompatibleError(f"the adapter targets {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}"
+                                    f", which are not plastic down projections of this runtime (plastic: "
+                                    f"{', '.join(plastic)})")
+    if not matched:
+        raise LoraIncompatibleError(f"the adapter's target_modules {wanted!r} match none of this model's plastic "
+                                    f"down projections ({', '.join(plastic)})")
+    return matched
+
+
+def _load_weights(rt: Runtime, data: bytes) -> dict[str, Tensor]:
+    try:
+        tensors = st_load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except Exception as err:  # safetensors raises several types for damaged bytes
+        raise LoraFormatError(f"{WEIGHTS_NAME} is corrupt or not a safetensors file: {err}") from None
+    meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
+    if METADATA_KEY in meta:
+        try:
+            fingerprint = json.loads(meta[METADATA_KEY]).get("fingerprint")
+        except (ValueError, AttributeError):
+            raise LoraFormatError(f"{WEIGHTS_NAME}: the {METADATA_KEY} metadata is not a JSON object") from None
+        if fingerprint and fingerprint != rt.state_spec.fingerprint:
+            raise LoraIncompatibleError("the adapter was exported from another base model (the fingerprint of the "
+                                        "plastic layers' weights differs)")
+    return tensors
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    if not key.startswith(KEY_PREFIX):
+        raise LoraFormatError(f"tensor {key!r} is not a PEFT adapter weight (names start with {KEY_PREFIX!r})")
+    for factor in FACTORS:
+        if key.endswith("." + factor):
+            return key[len(KEY_PREFIX) : -len(factor) - 1], factor
+    module, _, rest = key[len(KEY_PREFIX) :].partition(".lora_")
+    raise LoraIncompatibleError(f"tensor {key!r} of module {module!r} is not a plain lora_A/lora_B weight "
+                                "(DoRA magnitudes, embedding adapters and biases are not supported)")
+
+
+def lora_from_files(rt: Runtime, config_bytes: bytes, weights_bytes: bytes) -> FastWeights:
+    """A fresh state from an adapter's two files in memory (see ``import_lora``)."""
+    config = _parse_config(config_bytes)
+    base = config.get("base_model_name_or_path")
+    if not same_base_name(base, base_model_name(rt)):
+        raise LoraIncompatibleError(f"the adapter is for base model {base!r}; this runtime serves "
+                                    f"{base_model_name(rt)!r}")
+    matched = _check_targets(rt, config)
+    tensors = _load_weights(rt, weights_bytes)
+    plastic = plastic_modules(rt)
+    factors: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, factor = _split_key(key)
+        if module not in plastic:
+            raise LoraIncompatibleError(f"the adapter has weights for {module!r}, which is not a plastic down "
+                                        f"projection of this runtime (plastic: {', '.join(plastic)})")
+        if module not in matched:
+            raise LoraFormatError(f"the adapter has weights for {module!r} but its target_modules do not name it")
+        factors.setdefault(module, {})[factor] = tensor
+    r = int(config["r"])
+    scale = float(config["lora_alpha"]) / (math.sqrt(r) if config.get("use_rslora") else r)
+    spec = rt.state_spec
+    state = rt.new_state()
+    for module, pair in factors.items():
+        layer = plastic[module]
+        d, f = spec.shapes[spec.layers.index(layer)]
+        if set(pair) != set(FACTORS):
+            raise LoraFormatError(f"module {module!r} has {sorted(pair)} but needs both lora_A and lora_B weights")
+        A, B = pair["lora_A.weight"], pair["lora_B.weight"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != f or B.shape[0] != d:
+            raise LoraIncompatibleError(f"module {module!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do "
+                                        f"not fit this model's down projection [{d}, {f}] (another base model?)")
+        if A.shape[0] != r or B.shape[1] != r:
+            raise LoraFormatError(f"module {module!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not "
+                                  f"have the config's rank r={r}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise LoraFormatError(f"module {module!r} holds non-finite weights")
+        S = (B.to(torch.float64) @ A.to(torch.float64)) * scale
+        if bool(S.any()):
+            state.S[layer] = S.to(device=spec.device, dtype=spec.dtype)
+    state.bump()
+    return state
+
+
+def import_lora(rt: Runtime, path: str | Path) -> FastWeights:
+    """A fresh state (empty stream, no KV) whose fast weights are the PEFT LoRA adapter at ``path``.
+
+    Args:
+        rt: the runtime; the adapter must target a subset of its plastic down projections.
+        path: an adapter directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Raises:
+        LoraFormatError: the directory does not hold a well-formed PEFT LoRA adapter.
+        LoraIncompatibleError: the adapter is for another base model, other modules or layers, or uses DoRA or
+            other options a delta on W0 cannot represent.
+    """
+    folder = Path(path)
+    try:
+        config_bytes = (folder / CONFIG_NAME).read_bytes()
+    except OSError as err:
+        raise LoraFormatError(f"cannot read {folder / CONFIG_NAME}: {err.strerror}") from None
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file() and (folder / "adapter_model.bin").is_file():
+        raise LoraFormatError(f"{folder} holds adapter_model.bin; only {WEIGHTS_NAME} is read (no pickle files)")
+    try:
+        weights_bytes = weights.read_bytes()
+    except OSError as err:
+        raise LoraFormatError(f"cannot read {weights}: {err.strerror}") from None
+    return lora_from_files(rt, config_bytes, weights_bytes)
