@@ -18,6 +18,7 @@ from adapt_runtime.errors import (
     StateFileError,
     UnsupportedArchitectureError,
 )
+from adapt_runtime.lora import LoraAdapterError, LoraFormatError, LoraIncompatibleError, export_lora, import_lora
 from adapt_runtime.models import ALIASES, bundled_model_dir, load_model
 from adapt_runtime.patch import patch
 from adapt_runtime.rules import RULES, Rule, make_rule
@@ -34,3 +35,4 @@ __all__ = [
     "bundled_model_dir", "load_model", "load_state", "make_rule", "patch", "sample", "select_layers",
     "state_from_bytes", "IncompatibleStateError", "MalformedStateError",
 ]
+__all__ += ["LoraAdapterError", "LoraFormatError", "LoraIncompatibleError", "export_lora", "import_lora"]
