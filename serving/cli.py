@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+from adapt_runtime.serving.cluster.cli_ray import cluster_options, cluster_server
 from adapt_runtime.serving.config import RULES, ServerConfig, parse_rule_config, read_api_key_file
 
 _SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30}
@@ -77,11 +78,12 @@ def _seconds(value: str) -> float:
 @click.option("--threads", type=int, default=None,
               help="Torch CPU threads; default: torch's own. Small models decode fastest with 1 (extra threads "
                    "mostly spin, and starve when the machine is shared).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
 @click.option("--max-read-tokens", type=int, default=262144, show_default=True,
               help="Most tokens one request may read into a session's memory (POST /v1/sessions/{id}/read, and "
                    "the overflow of a long_prompt request).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Server log verbosity.")
+@cluster_options
 def main(api_keys: tuple[str, ...], api_key_file: Path | None, rule_config: str | None,
          session_memory_budget: str, session_ttl: str, max_request_bytes: str, log_level: str,
          **options: object) -> None:
@@ -92,6 +94,7 @@ def main(api_keys: tuple[str, ...], api_key_file: Path | None, rule_config: str 
     beyond the context window. Requests without a session adapt within themselves and keep nothing.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ray_serve = cluster_server(options)
     keys = list(api_keys)
     if os.environ.get("ADAPT_SERVE_API_KEY"):
         keys.append(os.environ["ADAPT_SERVE_API_KEY"])
@@ -111,7 +114,7 @@ def main(api_keys: tuple[str, ...], api_key_file: Path | None, rule_config: str 
     from adapt_runtime.serving.server import serve
 
     try:
-        serve(config, log_level=log_level)
+        (ray_serve or serve)(config, log_level=log_level)
     except (ValueError, LookupError) as err:
         click.echo(f"adapt-serve: {err}", err=True)
         sys.exit(2)

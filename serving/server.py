@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ log = logging.getLogger("adapt_serve")
 SWITCH_INTERVAL_S = 0.0005
 
 
-def create_context(config: ServerConfig) -> ServerContext:
-    """Load the model, patch it with the rule, and open the session store (restoring persisted sessions)."""
+def create_context(config: ServerConfig, make_store: Callable[[Any, Callable[[str], None]], Any] | None = None
+                   ) -> ServerContext:
+    """Load the model, patch it with the rule, and open the session store (restoring persisted sessions).
+    ``make_store(runtime, on_event)``, when given, builds the session store instead (the cluster mode's)."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     # the model thread runs Python between kernels; a short switch interval lets the event loop stream
@@ -37,11 +40,14 @@ def create_context(config: ServerConfig) -> ServerContext:
     metrics = Metrics()
     engine = Engine(runtime, tokenizer, config.max_model_len, on_step=metrics.on_step)
     persistent = config.session_dir is not None
-    root = config.session_dir if persistent else Path(tempfile.mkdtemp(prefix="adapt-serve-sessions-"))
 
     def on_event(event: str) -> None:
         metrics.session_events.labels(event=event).inc()
 
+    if make_store is not None:
+        template = ChatTemplate(tokenizer, Path(config.chat_template) if config.chat_template else None)
+        return ServerContext(config, engine, make_store(runtime, on_event), metrics, template)
+    root = config.session_dir if persistent else Path(tempfile.mkdtemp(prefix="adapt-serve-sessions-"))
     store = SessionStore(
         new_state=runtime.new_state,
         load_state=lambda data: decode_state(data, runtime),

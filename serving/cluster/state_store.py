@@ -37,8 +37,9 @@ return {1, value}
 
 CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
 return 1
 """
 
@@ -46,6 +47,7 @@ DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('SREM', KEYS[5], ARGV[2])
+redis.call('SREM', KEYS[6], ARGV[3])
 return 1
 """
 
@@ -149,8 +151,8 @@ class StateStore:
         record = {"owner": owner, "id": sid, "created_at": now, "last_used": now, "turns": 0,
                   "metadata": json.dumps(metadata)}
         fields = [v for item in record.items() for v in item]
-        keys = [self._k("meta", key), self._k("index", owner)]
-        return bool(_call(self._create, keys, [sid, *fields]))
+        keys = [self._k("meta", key), self._k("index", owner), f"{self.prefix}:all"]
+        return bool(_call(self._create, keys, [sid, key, *fields]))
 
     def record(self, key: str) -> dict[str, Any] | None:
         raw = _call(self.client.hgetall, self._k("meta", key))
@@ -171,14 +173,14 @@ class StateStore:
         return sorted(m.decode() for m in _call(self.client.smembers, self._k("index", owner)))
 
     def count(self) -> int:
-        return sum(1 for _ in _call(self.client.scan_iter, match=self._k("meta", "*"), count=1000))
+        return int(_call(self.client.scard, f"{self.prefix}:all"))
 
     def delete(self, lease: Lease, owner: str, sid: str) -> bool:
         """Remove a session (record, head, log, blobs) under its lease."""
         key = lease.key
         keys = [self.leases.lease_key(key), self._k("head", key), self._k("log", key), self._k("meta", key),
-                self._k("index", owner)]
-        deleted = bool(_call(self._delete, keys, [lease.token, sid]))
+                self._k("index", owner), f"{self.prefix}:all"]
+        deleted = bool(_call(self._delete, keys, [lease.token, sid, key]))
         if deleted:
             self.blobs.remove_all(key)
         return deleted

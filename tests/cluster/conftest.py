@@ -13,3 +13,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_runtime() -> Iterator[None]:
+    """One local Ray for the whole run (starting one costs ~15 s on 2 cores); Serve apps are per module."""
+    pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
+    from cluster_testing import start_ray, stop_ray
+
+    start_ray()
+    yield
+    stop_ray()

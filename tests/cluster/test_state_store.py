@@ -88,6 +88,7 @@ def test_records_create_once_list_and_delete(stores):
     assert states.create_record("alice", "alice/s2", "s2", {})
     assert states.ids("alice") == ["s1", "s2"]
     assert states.ids("bob") == []
+    assert states.count() == 2
     assert states.record("alice/s1")["metadata"] == {"k": "v"}
     lease = leases.acquire("alice/s1", renew=False)
     states.commit(lease, 0, b"data")
@@ -95,6 +96,7 @@ def test_records_create_once_list_and_delete(stores):
     assert states.delete(lease, "alice", "s1")
     assert states.record("alice/s1") is None and states.head("alice/s1") is None
     assert states.ids("alice") == ["s2"]
+    assert states.count() == 1
     assert states.blobs.names("alice/s1") == []
 
 

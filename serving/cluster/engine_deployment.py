@@ -1,0 +1,86 @@
+"""SessionEngine: one Ray Serve replica holding the base model, today's batching scheduler and today's app.
+
+Each replica builds the single-process server's context with a ``ClusterSessionStore`` (Redis leases, shared
+blobs) in place of the local store, and answers every forwarded request by running it through the unchanged app
+(auth, validation, OpenAI routes, SSE, session routes), adding ``X-Replica-ID``. Requests reach it through the
+``ConsistentHashRouter`` keyed on the session id with no fallback replicas, so a session's turns land where its
+state is cached; correctness does not depend on that (see ``cluster_sessions``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from adapt_runtime.serving.app import build_app
+from adapt_runtime.serving.cluster.asgi_call import Item, call_asgi, http_scope
+from adapt_runtime.serving.cluster.cluster_sessions import ClusterSessionStore
+from adapt_runtime.serving.cluster.config import ClusterConfig, open_states
+from adapt_runtime.serving.server import create_context
+from adapt_runtime.serving.session_routes import decode_state
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
+
+log = logging.getLogger("adapt_serve")
+REPLICA_HEADER = b"x-replica-id"
+
+
+class SessionEngine:
+    def __init__(self, config: ClusterConfig) -> None:
+        if config.server.threads is None:
+            torch.set_num_threads(max(1, int(config.replica_cpus)))
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.states = open_states(config, self.replica_id)
+        server = config.server
+
+        def make_store(runtime: Any, on_event: Any) -> ClusterSessionStore:
+            return ClusterSessionStore(self.states, runtime.new_state, lambda data: decode_state(data, runtime),
+                                       server.session_memory_budget, server.max_sessions, on_event)
+
+        self.ctx = create_context(server, make_store=make_store)
+        self.app = build_app(self.ctx)
+        log.info("engine replica %s ready", self.replica_id)
+
+    async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
+                     body: bytes) -> AsyncIterator[Item]:
+        """One HTTP request through the app: the response start, then body chunks."""
+        scope = http_scope(method, path, query, headers)
+        async for item in call_asgi(self.app, scope, body, [(REPLICA_HEADER, self.replica_id.encode())]):
+            yield item
+
+    def replica(self) -> str:
+        return self.replica_id
+
+    def check_health(self) -> None:
+        scheduler = self.ctx.engine.scheduler
+        alive = getattr(scheduler, "alive", None)
+        if alive is False or not scheduler._thread.is_alive():
+            raise RuntimeError("the model thread has stopped")
+
+    def __del__(self) -> None:
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None:
+            ctx.engine.close()
+
+
+def engine_deployment(config: ClusterConfig) -> Any:
+    """The SessionEngine deployment with strict consistent-hash routing on the session id."""
+    scaling: dict[str, Any] = {"num_replicas": config.replicas}
+    if config.max_replicas is not None:
+        scaling = {"autoscaling_config": {"min_replicas": config.replicas, "max_replicas": config.max_replicas,
+                                          "target_ongoing_requests": 2}}
+    router = RequestRouterConfig(request_router_class=ConsistentHashRouter,
+                                 request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 0})
+    return serve.deployment(SessionEngine).options(
+        name="SessionEngine",
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        ray_actor_options={"num_cpus": config.replica_cpus},
+        health_check_period_s=config.health_check_period_s,
+        graceful_shutdown_timeout_s=20,
+        request_router_config=router,
+        **scaling,
+    )
