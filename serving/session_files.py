@@ -1,14 +1,24 @@
-"""On-disk layout of sessions: ``<dir>/<owner>/<id>.safetensors`` (the runtime's state file) beside
-``<id>.json`` (owner, timestamps, turns, metadata). Both are written atomically: temp file, fsync, rename.
+"""On-disk layout of sessions: ``<dir>/<owner>/<id>.json``, the sidecar (owner, timestamps, turns, metadata and
+the name of the state file), beside ``<id>~<generation>.safetensors`` (the runtime's state file).
 
-The state file is written first, so a crash leaves either the old pair, or a new state with an old sidecar
-(whose counters lag by a turn); never a torn file. Leftover temp files are removed on startup.
+One commit is one atomic unit: the state goes to a new generation's file (temp file, fsync, rename), then the
+sidecar that names it replaces the old sidecar the same way; the rename of the sidecar is the commit point. A
+crash before it leaves the old sidecar naming the old state file (still there), a crash after it the new pair;
+never a new state with old counters. The superseded state file is removed after the commit, and on startup
+leftovers (temp files, state files no sidecar names) are. ``~`` cannot occur in a session id, so generation
+names never collide with ids.
+
+Older layouts load too: a sidecar without ``state_file`` names ``<id>.safetensors`` (the next commit moves the
+session to the new layout).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +27,14 @@ from adapt_runtime.atomic import atomic_write as core_atomic_write
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 OWNER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+GENERATION = "~"
+
+log = logging.getLogger("adapt_serve")
 
 
 @dataclass
 class SessionRecord:
-    """What the sidecar holds: everything about a session except its tensors."""
+    """What the sidecar holds: everything about a session except its tensors, and where those are."""
 
     id: str
     owner: str
@@ -29,6 +42,7 @@ class SessionRecord:
     last_used: float
     turns: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    state_file: str | None = None  # the state file's name in the owner's folder; None: ``<id>.safetensors``
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -45,12 +59,27 @@ class SessionFiles:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def state_path(self, record: SessionRecord) -> Path:
-        return self._folder(record.owner) / f"{record.id}.safetensors"
+        return self._folder(record.owner) / (record.state_file or f"{record.id}.safetensors")
 
-    def write_state(self, record: SessionRecord, state: Any) -> None:
-        atomic_write(self.state_path(record), state.to_bytes())
+    def write(self, record: SessionRecord, state: Any) -> SessionRecord:
+        """Write ``state`` and ``record`` as one commit; returns the record naming the new state file (the
+        caller keeps it). Raises ``OSError`` (disk full, ...) with the previous commit still in place."""
+        name = f"{record.id}{GENERATION}{secrets.token_hex(6)}.safetensors"
+        new = dataclasses.replace(record, state_file=name)
+        folder = self._folder(record.owner)
+        atomic_write(folder / name, state.to_bytes())
+        try:
+            self.write_record(new)
+        except BaseException:
+            (folder / name).unlink(missing_ok=True)
+            raise
+        for old in self._state_files(folder, record.id):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return new
 
     def write_record(self, record: SessionRecord) -> None:
+        """Replace the sidecar alone (the commit point of ``write``)."""
         atomic_write(self._folder(record.owner) / f"{record.id}.json", json.dumps(asdict(record)).encode())
 
     def has_state(self, record: SessionRecord) -> bool:
@@ -60,26 +89,47 @@ class SessionFiles:
         return self.state_path(record).read_bytes()
 
     def remove(self, record: SessionRecord) -> None:
+        """Delete a session: the sidecar first (a crash after it leaves no session, only files scan removes)."""
         folder = self._folder(record.owner)
-        for name in (f"{record.id}.safetensors", f"{record.id}.json"):
-            (folder / name).unlink(missing_ok=True)
+        (folder / f"{record.id}.json").unlink(missing_ok=True)
+        for path in self._state_files(folder, record.id):
+            path.unlink(missing_ok=True)
 
     def scan(self) -> list[SessionRecord]:
-        """Every session persisted under the root; damaged sidecars are skipped, temp files removed."""
+        """Every session persisted under the root, server-made or client-named; damaged sidecars are skipped
+        (their files kept), temp files and state files that no sidecar names are removed."""
         records = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and OWNER.match(p.name)):
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and OWNER.fullmatch(p.name)):
             for tmp in folder.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
-            for sidecar in sorted(folder.glob("sess_*.json")):
+            kept: set[str] = set()
+            for sidecar in sorted(folder.glob("*.json")):
+                if not SESSION_ID.fullmatch(sidecar.stem):
+                    continue
+                kept.add(sidecar.stem)
                 record = _parse(sidecar, folder.name)
                 if record is not None:
                     records.append(record)
+            named = {self.state_path(r).name for r in records if r.owner == folder.name}
+            for path in folder.glob(f"*{GENERATION}*.safetensors"):
+                sid = path.name.split(GENERATION, 1)[0]
+                if path.name not in named and (sid not in kept or _valid_sidecar(folder, sid)):
+                    log.info("removing %s: no session names it (an interrupted commit or delete)", path.name)
+                    path.unlink(missing_ok=True)
         return records
 
+    def _state_files(self, folder: Path, sid: str) -> list[Path]:
+        legacy = folder / f"{sid}.safetensors"
+        return [*folder.glob(f"{sid}{GENERATION}*.safetensors"), *([legacy] if legacy.is_file() else [])]
+
     def _folder(self, owner: str) -> Path:
-        if not OWNER.match(owner):
+        if not OWNER.fullmatch(owner):
             raise ValueError(f"invalid owner id {owner!r}")
         return self.root / owner
+
+
+def _valid_sidecar(folder: Path, sid: str) -> bool:
+    return _parse(folder / f"{sid}.json", folder.name) is not None
 
 
 def _parse(sidecar: Path, owner: str) -> SessionRecord | None:
@@ -88,6 +138,10 @@ def _parse(sidecar: Path, owner: str) -> SessionRecord | None:
         record = SessionRecord(**data)
     except (OSError, ValueError, TypeError):
         return None
-    if record.owner != owner or not SESSION_ID.match(record.id) or sidecar.stem != record.id:
+    if record.owner != owner or not SESSION_ID.fullmatch(record.id) or sidecar.stem != record.id:
+        return None
+    name = record.state_file
+    if name is not None and (not isinstance(name, str) or not name.startswith(f"{record.id}{GENERATION}")
+                             or "/" in name or not name.endswith(".safetensors")):
         return None
     return record

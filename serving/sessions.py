@@ -8,16 +8,24 @@ least recently used idle sessions are written to disk (the runtime's state file)
 the budget, and read back on their next use. With ``persistent`` on (an explicit ``--session-dir``), every
 create and commit is written through, so a restart finds every session. Sessions idle for longer than the TTL
 are deleted, files included. All methods run on the event loop; file I/O goes to a thread under the session's
-I/O lock.
+I/O lock, one lock per (owner, id) even across a deleted session and its re-created namesake.
+
+Durability and deletion: ``commit`` changes memory only after the write-through succeeded (a failed write is a
+503 with the previous turn still committed, in memory and on disk). A deleted session is a tombstone: a turn
+queued behind the DELETE gets 404, nothing writes its files again, and whoever holds its I/O lock when it is
+dropped (an eviction, a flush) removes its files before letting go.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +40,9 @@ class Session:
     record: SessionRecord
     state: Any | None  # FastWeights, or None while it lives only on disk
     busy: bool = False
-    io: asyncio.Lock = field(default_factory=asyncio.Lock)
+    io: asyncio.Lock = field(default_factory=asyncio.Lock)  # shared by every Session object of one (owner, id)
+    deleted: bool = False  # a tombstone: dropped from the store, nothing of it is written again
+    queued: bool = False  # a turn marked it busy and waits for its I/O lock (a DELETE ahead of it still wins)
 
     @property
     def id(self) -> str:
@@ -80,13 +90,32 @@ class SessionStore:
         self.persistent = persistent
         self._on_event = on_event or (lambda _: None)
         self._sessions: dict[tuple[str, str], Session] = {}
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
         self._fitting: asyncio.Task | None = None
 
     def restore(self) -> int:
-        """Register every session persisted in the directory (state stays on disk until used)."""
+        """Register every session persisted in the directory, client-named ids included (state stays on disk
+        until used)."""
         for record in self.files.scan():
-            self._sessions[(record.owner, record.id)] = Session(record, None)
+            self._sessions[(record.owner, record.id)] = self._session(record, None)
         return len(self._sessions)
+
+    def _session(self, record: SessionRecord, state: Any) -> Session:
+        key = (record.owner, record.id)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return Session(record, state, io=lock)
+
+    @contextlib.asynccontextmanager
+    async def _io(self, session: Session) -> AsyncIterator[None]:
+        """Hold the session's I/O lock; a session dropped meanwhile has its files removed before the lock goes."""
+        async with session.io:
+            try:
+                yield
+            finally:
+                if session.deleted:
+                    self.files.remove(session.record)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -108,11 +137,15 @@ class SessionStore:
                               "session_limit_reached", 5)
         now = time.time()
         record = SessionRecord(sid or new_session_id(), owner, now, now, 0, dict(metadata or {}))
-        session = Session(record, state if state is not None else self._new_state())
+        session = self._session(record, state if state is not None else self._new_state())
         self._sessions[(owner, record.id)] = session
-        self._on_event("created")
         if self.persistent:
-            await self._write(session, session.state)
+            try:
+                await self._write(session, session.record, session.state)
+            except BaseException:
+                self._drop(session, None)
+                raise
+        self._on_event("created")
         await self.fit()
         return session
 
@@ -136,24 +169,28 @@ class SessionStore:
             self._on_event("busy")
             raise APIError(409, f"session {session.id} is in another turn; retry when it finishes",
                            "session_busy", "session_id", {"Retry-After": "1"})
-        session.busy = True
+        session.busy = session.queued = True
         try:
-            async with session.io:
+            async with self._io(session):
+                session.queued = False
+                if session.deleted:
+                    raise APIError(404, f"session {session.id} was deleted", "session_not_found", "session_id")
                 if session.state is None:
                     session.state = await asyncio.to_thread(self._read, session.record)
         except BaseException:
-            session.busy = False
+            session.busy = session.queued = False
             raise
         session.record.last_used = time.time()
         return session.state
 
     async def commit(self, session: Session, state: Any, turn: bool = True) -> None:
-        """Make ``state`` the session's state (the caller holds the turn)."""
-        session.state = state
-        session.record.last_used = time.time()
-        session.record.turns += int(turn)
+        """Make ``state`` the session's state (the caller holds the turn). With write-through, memory changes
+        only once the files are durable: a failed write raises 503 and the previous commit stays, so a retry
+        applies the turn once and a restart never reverts an acknowledged one."""
+        record = dataclasses.replace(session.record, last_used=time.time(), turns=session.record.turns + int(turn))
         if self.persistent:
-            await self._write(session, state)
+            record = await self._write(session, record, state)
+        session.state, session.record = state, record
 
     def release(self, session: Session) -> None:
         """End a turn; spilling, if the budget needs it, runs as a background task."""
@@ -163,10 +200,16 @@ class SessionStore:
             self._fitting = asyncio.get_running_loop().create_task(self.fit())
 
     async def delete(self, session: Session) -> None:
-        if session.busy:
-            raise APIError(409, f"session {session.id} is in a turn; delete it when the turn ends",
-                           "session_busy", "session_id", {"Retry-After": "1"})
-        async with session.io:
+        """Delete a session and its files. A turn queued behind the DELETE gets 404 and writes nothing back."""
+        busy = APIError(409, f"session {session.id} is in a turn; delete it when the turn ends",
+                        "session_busy", "session_id", {"Retry-After": "1"})
+        if session.busy and not session.queued:
+            raise busy
+        async with self._io(session):
+            if session.deleted:
+                raise APIError(404, f"session {session.id} not found", "session_not_found", "session_id")
+            if session.busy and not session.queued:  # a turn took the lock first and runs now
+                raise busy
             self._drop(session, "api")
 
     async def fit(self) -> None:
@@ -176,41 +219,62 @@ class SessionStore:
             if not idle:
                 return
             victim = min(idle, key=lambda s: s.record.last_used)
-            async with victim.io:
-                await asyncio.to_thread(self._write_both, victim.record, victim.state)
+            async with self._io(victim):
+                if not victim.deleted:
+                    try:
+                        victim.record = await asyncio.to_thread(self.files.write, victim.record, victim.state)
+                    except OSError as err:
+                        log.warning("cannot spill session %s to disk (%s); it stays in memory", victim.id, err)
+                        return
                 victim.state = None
             self._on_event("evicted")
 
     async def reap(self) -> int:
         """Delete sessions idle for longer than the TTL."""
         expired = [s for s in self._sessions.values() if not s.busy and self._expired(s)]
+        dropped = 0
         for session in expired:
-            async with session.io:
-                self._drop(session, "ttl")
-        return len(expired)
+            async with self._io(session):
+                if not (session.busy or session.deleted) and self._expired(session):  # still, under the lock
+                    self._drop(session, "ttl")
+                    dropped += 1
+        return dropped
 
     async def flush(self) -> None:
         """Write every resident session to disk (on shutdown when persistent)."""
         for session in list(self._sessions.values()):
-            if session.state is not None:
-                async with session.io:
-                    await asyncio.to_thread(self._write_both, session.record, session.state)
+            if session.state is not None and not session.deleted:
+                async with self._io(session):
+                    if not session.deleted:
+                        session.record = await asyncio.to_thread(self.files.write, session.record, session.state)
 
     def _expired(self, session: Session) -> bool:
         return time.time() - session.record.last_used > self.ttl
 
-    def _drop(self, session: Session, reason: str) -> None:
-        self._sessions.pop((session.record.owner, session.id), None)
-        self.files.remove(session.record)
-        self._on_event(f"deleted_{reason}")
+    def _drop(self, session: Session, reason: str | None) -> None:
+        """Tombstone and unregister ``session``; its files go now, or when the holder of its I/O lock lets go."""
+        if session.deleted:
+            return
+        session.deleted = True
+        key = (session.record.owner, session.id)
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+        if not session.io.locked():
+            self.files.remove(session.record)
+        if reason is not None:
+            self._on_event(f"deleted_{reason}")
 
-    async def _write(self, session: Session, state: Any) -> None:
-        async with session.io:
-            await asyncio.to_thread(self._write_both, session.record, state)
-
-    def _write_both(self, record: SessionRecord, state: Any) -> None:
-        self.files.write_state(record, state)
-        self.files.write_record(record)
+    async def _write(self, session: Session, record: SessionRecord, state: Any) -> SessionRecord:
+        """Write ``state`` with ``record`` as one commit; the record naming the new files, or 404/503."""
+        async with self._io(session):
+            if session.deleted:
+                raise APIError(404, f"session {session.id} was deleted", "session_not_found", "session_id")
+            try:
+                return await asyncio.to_thread(self.files.write, record, state)
+            except OSError as err:
+                log.warning("cannot write session %s: %s", session.id, err)
+                raise retry_later(503, f"session {session.id} could not be saved ({err.strerror or err}); "
+                                  "nothing of this request was kept", "session_write_failed", 1) from None
 
     def _read(self, record: SessionRecord) -> Any:
         if not self.files.has_state(record):
