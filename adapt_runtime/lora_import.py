@@ -126,9 +126,9 @@ def _check_targets(rt: Runtime, config: dict[str, Any]) -> set[str]:
     matched = {name for name in _leaf_modules(rt) if targets(config, name)}
     others = sorted(matched - set(plastic))
     if others:
-        raise LoraIncompatibleError(f"the adapter targets {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}"
-                                    f", which are not plastic down projections of this runtime (plastic: "
-                                    f"{', '.join(plastic)})")
+        listed = ", ".join(others[:4]) + (" ..." if len(others) > 4 else "")
+        raise LoraIncompatibleError(f"the adapter targets modules that are not plastic down projections of this "
+                                    f"runtime: {listed} (plastic: {', '.join(plastic)})")
     if not matched:
         raise LoraIncompatibleError(f"the adapter's target_modules {wanted!r} match none of this model's plastic "
                                     f"down projections ({', '.join(plastic)})")
@@ -168,9 +168,11 @@ def lora_from_files(rt: Runtime, config_bytes: bytes, weights_bytes: bytes) -> F
     """A fresh state from an adapter's two files in memory (see ``import_lora``)."""
     config = _parse_config(config_bytes)
     base = config.get("base_model_name_or_path")
-    if not same_base_name(base, base_model_name(rt)):
-        raise LoraIncompatibleError(f"the adapter is for base model {base!r}; this runtime serves "
-                                    f"{base_model_name(rt)!r}")
+    ours = base_model_name(rt)
+    if not same_base_name(base, ours):
+        served = str(ours).rstrip("/").rsplit("/", 1)[-1]
+        raise LoraIncompatibleError(f"the adapter is for base model {base!r}; this runtime's base model is "
+                                    f"{served!r}")
     matched = _check_targets(rt, config)
     tensors = _load_weights(rt, weights_bytes)
     plastic = plastic_modules(rt)

@@ -1,0 +1,165 @@
+"""Adapters that cannot seed a session are refused with a clear error: malformed (LoraFormatError) or made for
+something else (LoraIncompatibleError)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from lora_testing import session, tiny_model
+from safetensors.torch import load_file, save_file
+
+import adapt_runtime as ar
+from adapt_runtime.lora import LoraFormatError, LoraIncompatibleError
+
+PREFIX = "base_model.model.model.layers"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``(rt, state, folder)``: the bundled model's runtime, a session, and its exact adapter."""
+    rt, _, state = session("llama")
+    folder = tmp_path_factory.mktemp("good")
+    ar.export_lora(rt, state, folder)
+    return rt, state, folder
+
+
+def variant(good: Path, tmp_path: Path, config=None, weights=None, metadata=None) -> Path:
+    """A copy of the good adapter with its config dict and/or weights dict changed by the given functions."""
+    out = tmp_path / "adapter"
+    shutil.copytree(good, out)
+    if config is not None:
+        data = json.loads((good / "adapter_config.json").read_text())
+        result = config(data)
+        (out / "adapter_config.json").write_text(json.dumps(result if isinstance(result, dict) else data))
+    if weights is not None or metadata is not None:
+        tensors = load_file(good / "adapter_model.safetensors")
+        result = weights(tensors) if weights is not None else None
+        tensors = result if isinstance(result, dict) else tensors
+        save_file(tensors, out / "adapter_model.safetensors", metadata=metadata or {"format": "pt"})
+    return out
+
+
+def _set(**values):
+    return lambda c: c.update(values)
+
+
+def _add(key: str, shape: tuple[int, ...]):
+    return lambda t: t.update({key: torch.randn(shape)})
+
+
+def _drop(key: str):
+    return lambda t: t.pop(key)
+
+
+def _scale_nan(t: dict) -> None:
+    t[f"{PREFIX}.0.mlp.down_proj.lora_A.weight"][0, 0] = float("nan")
+
+
+def _wider(t: dict) -> None:
+    key = f"{PREFIX}.1.mlp.down_proj.lora_A.weight"
+    t[key] = torch.cat([t[key], t[key][:, :4]], dim=1)
+
+
+INCOMPATIBLE = {
+    "another-base-model-name": dict(config=_set(base_model_name_or_path="openai-community/gpt2")),
+    "attention-modules": dict(config=_set(target_modules=["q_proj", "down_proj"])),
+    "all-linear": dict(config=_set(target_modules="all-linear")),
+    "regex-on-the-lm-head": dict(config=_set(target_modules=r".*(down_proj|lm_head)")),
+    "dora": dict(config=_set(use_dora=True)),
+    "lora-bias": dict(config=_set(lora_bias=True)),
+    "trained-bias": dict(config=_set(bias="all")),
+    "modules-to-save": dict(config=_set(modules_to_save=["lm_head"])),
+    "alpha-pattern": dict(config=_set(alpha_pattern={"down_proj": 3})),
+    "not-lora": dict(config=_set(peft_type="IA3")),
+    "weights-for-q-proj": dict(weights=_add(f"{PREFIX}.0.self_attn.q_proj.lora_A.weight", (4, 64))),
+    "dora-magnitude": dict(weights=_add(f"{PREFIX}.0.mlp.down_proj.lora_magnitude_vector", (64,))),
+    "input-width-of-another-model": dict(weights=_wider),
+    "another-fingerprint": dict(weights=lambda t: None,
+                                metadata={"format": "pt", "adapt_runtime": json.dumps({"fingerprint": "0" * 64})}),
+}
+
+MALFORMED = {
+    "no-peft-type": dict(config=lambda c: c.pop("peft_type")),
+    "rank-zero": dict(config=_set(r=0)),
+    "alpha-text": dict(config=_set(lora_alpha="sixteen")),
+    "no-target-modules": dict(config=_set(target_modules=None)),
+    "rank-differs-from-config": dict(config=lambda c: c.update(r=c["r"] + 1)),
+    "missing-lora-b": dict(weights=_drop(f"{PREFIX}.2.mlp.down_proj.lora_B.weight")),
+    "not-a-peft-key": dict(weights=_add("model.layers.0.mlp.down_proj.lora_A.weight", (4, 172))),
+    "non-finite": dict(weights=_scale_nan),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INCOMPATIBLE))
+def test_incompatible_adapters_are_refused(exported, tmp_path, case: str) -> None:
+    rt, _, good = exported
+    with pytest.raises(LoraIncompatibleError):
+        ar.import_lora(rt, variant(good, tmp_path, **INCOMPATIBLE[case]))
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_adapters_are_refused(exported, tmp_path, case: str) -> None:
+    rt, _, good = exported
+    with pytest.raises(LoraFormatError):
+        ar.import_lora(rt, variant(good, tmp_path, **MALFORMED[case]))
+
+
+def test_unreadable_files_are_malformed(exported, tmp_path) -> None:
+    rt, _, good = exported
+    with pytest.raises(LoraFormatError, match="adapter_config.json"):
+        ar.import_lora(rt, tmp_path)
+    broken = variant(good, tmp_path)
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(LoraFormatError, match="JSON"):
+        ar.import_lora(rt, broken)
+    shutil.copy(good / "adapter_config.json", broken / "adapter_config.json")
+    (broken / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors")
+    with pytest.raises(LoraFormatError, match="safetensors"):
+        ar.import_lora(rt, broken)
+
+
+def test_an_adapter_on_layers_that_are_not_plastic_is_refused(exported) -> None:
+    _, _, good = exported
+    rt = ar.patch(tiny_model("llama"), rule="hebbian", layers="last:2")
+    with pytest.raises(LoraIncompatibleError, match=r"model\.layers\.0\.mlp\.down_proj"):
+        ar.import_lora(rt, good)
+
+
+def test_an_adapter_of_another_model_with_the_same_shapes_is_refused(exported) -> None:
+    _, _, good = exported
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.mul_(1.01)  # a fine-tuned sibling: same name and shapes
+    with pytest.raises(LoraIncompatibleError, match="fingerprint"):
+        ar.import_lora(ar.patch(model, rule="hebbian"), good)
+
+
+def test_a_subset_of_the_plastic_layers_is_accepted(exported, tmp_path) -> None:
+    rt, state, good = exported
+    keep = f"{PREFIX}.4.mlp.down_proj"
+    only_top = variant(good, tmp_path, config=_set(target_modules=["model.layers.4.mlp.down_proj"]),
+                       weights=lambda t: {k: v for k, v in t.items() if k.startswith(keep)})
+    back = ar.import_lora(rt, only_top)
+    assert [layer for layer, s in back.S.items() if s is not None] == [4]
+    torch.testing.assert_close(back.S[4], state.S[4], atol=1e-6, rtol=1e-5)
+
+
+def test_export_arguments_are_checked(exported, tmp_path) -> None:
+    rt, state, _ = exported
+    for rank in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="rank"):
+            ar.export_lora(rt, state, tmp_path, rank=rank)
+    other = ar.patch(tiny_model("llama"), rule="hebbian")
+    with pytest.raises(ValueError, match="another runtime"):
+        ar.export_lora(other, state, tmp_path)
+
+
+def test_a_zero_state_exports_a_rank_one_zero_adapter_that_imports_as_zero(exported, tmp_path) -> None:
+    rt, _, _ = exported
+    info = ar.export_lora(rt, rt.new_state(), tmp_path)
+    assert info.rank == 1 and set(info.numerical_rank.values()) == {0}
+    assert ar.import_lora(rt, tmp_path).is_zero
