@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from adapt_runtime.serving.adapter_routes import is_adapter_route
+from adapt_runtime.serving.adapter_routes import router as adapter_router
 from adapt_runtime.serving.chat import chat_prompt, create_chat_completion
 from adapt_runtime.serving.completions import create_completion
 from adapt_runtime.serving.context import ServerContext, ctx_of, describe_runtime
@@ -150,11 +152,12 @@ def build_app(ctx: ServerContext) -> Any:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(session_router)
+    app.include_router(adapter_router)
     app.include_router(read_router)
     ctx.metrics.watch_sessions(ctx.store.counts, ctx.store.resident_bytes)
     state_limit = max(ctx.config.max_request_bytes, _state_bytes_bound(ctx.engine.rt))
 
     def body_limit(path: str) -> int:
-        return state_limit if is_state_route(path) else ctx.config.max_request_bytes
+        return state_limit if is_state_route(path) or is_adapter_route(path) else ctx.config.max_request_bytes
 
     return Guard(app, ApiKeys(ctx.config.api_keys), body_limit)
