@@ -34,7 +34,10 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health() -> dict:
+async def health(request: Request) -> dict:
+    """200 while the model thread runs; 503 once it is gone (every generation would hang)."""
+    if not ctx_of(request).engine.scheduler.alive:
+        raise APIError(503, "the model thread is not running; restart the server", "model_unavailable")
     return {"status": "ok"}
 
 

@@ -1,4 +1,10 @@
-"""Per-row sampling: OpenAI penalties on top of the runtime's shared sampler (``ar.sample``)."""
+"""Per-row sampling: OpenAI penalties on top of the runtime's shared sampler (``ar.sample``).
+
+Every value the API accepts is safe here: a temperature below ``MIN_TEMPERATURE`` is greedy (dividing logits by
+1e-40 overflows to inf and NaN), and a top-p below ``MIN_TOP_P`` is raised to it, so the nucleus always keeps the
+most likely token (1e-300 rounds to 0 in float32 and would keep none). Generators and index tensors live on the
+logits' device.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 import adapt_runtime as ar
+
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-6
 
 
 @dataclass(frozen=True)
@@ -25,12 +34,25 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
 
-    def generator(self) -> torch.Generator | None:
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A generator seeded with ``seed`` on ``device`` (the logits' device), or None without a seed."""
         if self.seed is None:
             return None
-        gen = torch.Generator()
+        gen = torch.Generator(device=device)
         gen.manual_seed(self.seed)
         return gen
+
+
+def safe_settings(temperature: float, top_p: float) -> tuple[float, float]:
+    """(temperature, top_p) as the sampler should use them: tiny temperatures greedy, top-p at least MIN_TOP_P."""
+    return (0.0 if temperature < MIN_TEMPERATURE else temperature), min(max(top_p, MIN_TOP_P), 1.0)
+
+
+def draw(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V] through ``ar.sample``, for any accepted setting."""
+    temperature, top_p = safe_settings(temperature, top_p)
+    return ar.sample(logits, temperature, top_p, max(top_k, 0), generator)
 
 
 def penalised(logits: torch.Tensor, generated: list[int], params: SamplingParams) -> torch.Tensor:
@@ -38,8 +60,8 @@ def penalised(logits: torch.Tensor, generated: list[int], params: SamplingParams
     if not generated or (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0):
         return logits
     counts = Counter(generated)
-    ids = torch.tensor(list(counts), dtype=torch.long)
-    freq = torch.tensor([counts[i] for i in counts], dtype=logits.dtype)
+    ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+    freq = torch.tensor([counts[i] for i in counts], dtype=logits.dtype, device=logits.device)
     out = logits.clone()
     out[ids] -= params.frequency_penalty * freq + params.presence_penalty
     return out
@@ -50,8 +72,7 @@ def sample_token(
 ) -> int:
     """One token id from ``logits`` [V] under ``params``."""
     scores = penalised(logits.float(), generated, params)
-    top_k = max(params.top_k, 0)
-    token = ar.sample(scores[None], params.temperature, params.top_p, top_k, generator)
+    token = draw(scores[None], params.temperature, params.top_p, params.top_k, generator)
     return int(token[0])
 
 

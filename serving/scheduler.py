@@ -11,6 +11,11 @@ Events are collected during a step and handed over in one batch through ``post``
 the event loop, which collects them every millisecond), then reach each request through ``Job.emit``. The
 request commits or discards the states after ``Done``, so the scheduler never decides what is kept. Rows that
 sample with the same settings (no seed, no penalties) are sampled in one call.
+
+Failures stay with the jobs they belong to: a row whose sampling or accounting raises fails its own job; a
+batched decode call that raises is retried row by row in the same step, so only the rows that fail alone fail
+their jobs; anything else that escapes a step fails that step's jobs. The model thread itself never ends on an
+error (``alive`` says whether it runs, for ``/health``).
 """
 
 from __future__ import annotations
@@ -26,9 +31,7 @@ from typing import Any
 import torch
 from adapt_runtime.serving.detokenize import Detokenizer, TextStream
 from adapt_runtime.serving.events import Done, Event, Failed, Finished, PromptScored, Token
-from adapt_runtime.serving.sampling import SamplingParams, sample_token, top_logprobs
-
-import adapt_runtime as ar
+from adapt_runtime.serving.sampling import SamplingParams, draw, sample_token, top_logprobs
 
 log = logging.getLogger("adapt_serve")
 
@@ -94,6 +97,11 @@ class Scheduler:
     def active_rows(self) -> int:
         return len(self._rows)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the model thread is running (False once it ended, for whatever reason)."""
+        return self._thread.is_alive() and not self._closed
+
     def submit(self, job: Job) -> None:
         if self._closed:
             raise RuntimeError("scheduler is closed")
@@ -118,7 +126,12 @@ class Scheduler:
                 except queue.Empty:
                     job = None
             if self._rows:
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - the thread lives on; this step's jobs fail
+                    log.exception("decode step failed")
+                    for failed in {id(row.job): row.job for row in self._rows}.values():
+                        self._fail(failed, exc)
                 self._flush()
 
     def _emit(self, job: Job, event: Event) -> None:
@@ -129,15 +142,24 @@ class Scheduler:
             batch, self._outbox = self._outbox, []
             self.post(batch)
 
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        """``job`` ends with ``exc`` (told once; a job its client already left is not told) and its rows go."""
+        if not job.cancelled.is_set():
+            self._emit(job, Failed(exc))
+            job.cancelled.set()
+        self._rows = [row for row in self._rows if row.job is not job]
+
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
             return
         try:
             rows = []
             for p_index, prompt in enumerate(job.prompts):
+                if job.cancelled.is_set():  # the client left while its prompts were being read
+                    return
                 logits, scores = self._read(prompt, job)
                 self._emit(job, PromptScored(p_index, len(prompt.tokens), scores))
-                gen = job.params.generator()
+                gen = job.params.generator(logits.device)
                 anchor = self.detok.anchor(prompt.tokens)
                 for j in range(job.n):
                     state = prompt.state if j == 0 else prompt.state.clone()
@@ -168,16 +190,23 @@ class Scheduler:
 
     def _step(self) -> None:
         started = time.perf_counter()
-        for row in [r for r in self._rows if r.job.cancelled.is_set()]:
-            self._rows.remove(row)
+        self._rows = [row for row in self._rows if not row.job.cancelled.is_set()]
         feed: list[tuple[Row, int]] = []
         rows = list(self._rows)
         for row, token in zip(rows, self._sample_all(rows)):
-            reason = self._account(row, token)
+            if token is None or row.job.cancelled.is_set():
+                continue
+            try:
+                reason = self._account(row, token)
+            except Exception as exc:  # noqa: BLE001 - this row's job fails, the others go on
+                log.exception("accounting a token failed")
+                self._fail(row.job, exc)
+                continue
             if reason is None:
                 feed.append((row, token))
             else:
                 self._finish(row, reason)
+        feed = [(row, token) for row, token in feed if not row.job.cancelled.is_set()]
         for adapt in (True, False):
             group = [(row, tok) for row, tok in feed if row.job.adapt is adapt]
             if group:
@@ -185,21 +214,34 @@ class Scheduler:
         if self.on_step is not None and feed:
             self.on_step(len(feed), time.perf_counter() - started)
 
-    def _sample_all(self, rows: list[Row]) -> list[int]:
-        """A token per row; rows with plain settings and the same temperature/top-p/top-k share one call."""
-        tokens: dict[int, int] = {}
+    def _sample_all(self, rows: list[Row]) -> list[int | None]:
+        """A token per row (None: the row's job failed); rows with plain settings and the same
+        temperature/top-p/top-k share one call, and are sampled one by one if that call fails."""
+        tokens: dict[int, int | None] = {}
         groups: dict[tuple[float, float, int], list[int]] = {}
+        alone: list[int] = []
         for i, row in enumerate(rows):
             p = row.job.params
             if row.generator is None and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
                 groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(i)
             else:
-                tokens[i] = sample_token(row.logits, row.generated, p, row.generator)
+                alone.append(i)
         for (temperature, top_p, top_k), members in groups.items():
-            logits = torch.stack([rows[i].logits for i in members])
-            drawn = ar.sample(logits, temperature, top_p, max(top_k, 0)).tolist()
-            tokens.update(zip(members, drawn))
-        return [int(tokens[i]) for i in range(len(rows))]
+            try:
+                drawn = draw(torch.stack([rows[i].logits for i in members]), temperature, top_p, top_k).tolist()
+            except Exception:  # noqa: BLE001 - find the row that breaks it
+                alone.extend(members)
+                continue
+            tokens.update(zip(members, (int(t) for t in drawn)))
+        for i in alone:
+            row = rows[i]
+            try:
+                tokens[i] = sample_token(row.logits, row.generated, row.job.params, row.generator)
+            except Exception as exc:  # noqa: BLE001 - this row's job fails, the others go on
+                log.exception("sampling failed")
+                self._fail(row.job, exc)
+                tokens[i] = None
+        return [tokens[i] for i in range(len(rows))]
 
     def _account(self, row: Row, token: int) -> str | None:
         """Record ``token`` for ``row``, emit it, and say why the row ends (None: it goes on)."""
@@ -234,11 +276,15 @@ class Scheduler:
         states = [row.state for row, _ in group]
         try:
             logits = self.rt.forward(ids, states if len(states) > 1 else states[0], adapt=adapt)
-        except Exception as exc:  # noqa: BLE001 - every job in the failed batch is told and rolls back
-            log.exception("decode step failed")
-            for job in {id(row.job): row.job for row, _ in group}.values():
-                self._emit(job, Failed(exc))
-                job.cancelled.set()
+        except Exception as exc:  # noqa: BLE001 - isolate: retry row by row, only the rows that fail alone fail
+            if len(group) == 1:
+                log.exception("decode step failed")
+                self._fail(group[0][0].job, exc)
+                return
+            log.warning("batched decode step of %d rows failed (%r); feeding them one by one", len(group), exc)
+            for item in group:
+                if not item[0].job.cancelled.is_set():
+                    self._feed([item], adapt)
             return
         for i, (row, _) in enumerate(group):
             row.logits = logits[i, -1].float()
@@ -252,7 +298,7 @@ def _deliver(batch: list[tuple[Job, Event]]) -> None:
 def _prompt_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list:
     """Per prompt token: None for the first, then (logprob of the token, top-k) under the preceding logits."""
     lp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [T-1, V]
-    target = torch.tensor(tokens[1:], dtype=torch.long)
+    target = torch.tensor(tokens[1:], dtype=torch.long, device=lp.device)
     chosen = lp.gather(1, target[:, None])[:, 0].tolist()
     tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
     if k > 0 and chosen:
