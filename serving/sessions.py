@@ -71,7 +71,7 @@ def new_session_id() -> str:
 
 
 def check_session_id(sid: str) -> str:
-    if not SESSION_ID.match(sid):
+    if not SESSION_ID.fullmatch(sid):  # fullmatch: "$" alone would accept "id\n"
         raise APIError(400, "a session id is 1-128 characters of [A-Za-z0-9_.:-], starting with a letter or digit",
                        "invalid_session_id", "session_id")
     return sid
