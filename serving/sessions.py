@@ -62,7 +62,7 @@ class Session:
         }
         if state is not None:
             body.update(tokens_seen=state.tokens_seen, kv_len=state.kv_len, writes=state.writes,
-                        bytes=state.nbytes)
+                        refused_writes=state.refused_writes, bytes=state.nbytes)
         return body
 
 
@@ -80,12 +80,13 @@ def check_session_id(sid: str) -> str:
 class SessionStore:
     def __init__(self, new_state: Callable[[], Any], load_state: Callable[[bytes], Any], files: SessionFiles,
                  budget: int, max_sessions: int, ttl: float, persistent: bool,
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None, max_per_owner: int | None = None) -> None:
         self._new_state = new_state
         self._load_state = load_state
         self.files = files
         self.budget = budget
         self.max_sessions = max_sessions
+        self.max_per_owner = max_per_owner or max_sessions
         self.ttl = ttl
         self.persistent = persistent
         self._on_event = on_event or (lambda _: None)
@@ -135,6 +136,9 @@ class SessionStore:
         if len(self._sessions) >= self.max_sessions:
             raise retry_later(429, f"the server holds its maximum of {self.max_sessions} sessions; delete some",
                               "session_limit_reached", 5)
+        if sum(1 for s in self._sessions.values() if s.record.owner == owner) >= self.max_per_owner:
+            raise retry_later(429, f"this API key holds its quota of {self.max_per_owner} sessions; delete some",
+                              "session_quota_reached", 5)
         now = time.time()
         record = SessionRecord(sid or new_session_id(), owner, now, now, 0, dict(metadata or {}))
         session = self._session(record, state if state is not None else self._new_state())
