@@ -163,4 +163,5 @@ def build_app(ctx: ServerContext) -> Any:
     def body_limit(path: str) -> int:
         return state_limit if is_state_route(path) or is_adapter_route(path) else ctx.config.max_request_bytes
 
-    return Guard(app, ApiKeys(ctx.config.api_keys), body_limit)
+    return Guard(app, ApiKeys(ctx.config.api_keys), body_limit, read_timeout=ctx.config.read_timeout,
+                 send_timeout=ctx.config.send_timeout)

@@ -81,12 +81,24 @@ def _seconds(value: str) -> float:
 @click.option("--max-read-tokens", type=int, default=262144, show_default=True,
               help="Most tokens one request may read into a session's memory (POST /v1/sessions/{id}/read, and "
                    "the overflow of a long_prompt request).")
+@click.option("--max-choices-per-request", type=int, default=64, show_default=True,
+              help="Most choices (prompts x n) one request may ask for; more answer 400.")
+@click.option("--max-tokens-per-request", type=int, default=262144, show_default=True,
+              help="Most tokens one request may cost (its prompt tokens plus choices x max_tokens); more answer 400.")
+@click.option("--max-sessions-per-key", type=int, default=None,
+              help="Most sessions one API key may hold; more answer 429. Default: a quarter of --max-sessions when "
+                   "several keys are set, else --max-sessions.")
+@click.option("--read-timeout", default="30s", show_default=True, metavar="DURATION",
+              help="Time a client has to send a request's headers, and then its body; slower ones are cut off.")
+@click.option("--send-timeout", default="60s", show_default=True, metavar="DURATION",
+              help="Time a client may leave a response (or a stream) unread before the server drops it and frees "
+                   "its slot.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Server log verbosity.")
 @cluster_options
 def main(api_keys: tuple[str, ...], api_key_file: Path | None, rule_config: str | None,
          session_memory_budget: str, session_ttl: str, max_request_bytes: str, log_level: str,
-         **options: object) -> None:
+         read_timeout: str, send_timeout: str, **options: object) -> None:
     """Serve a model over the OpenAI API, with fast-weight memory per session.
 
     Each session (create one with POST /v1/sessions, then send its id in the X-Session-ID header or the
@@ -107,6 +119,8 @@ def main(api_keys: tuple[str, ...], api_key_file: Path | None, rule_config: str 
             session_memory_budget=_bytes(session_memory_budget),
             session_ttl=_seconds(session_ttl),
             max_request_bytes=_bytes(max_request_bytes),
+            read_timeout=_seconds(read_timeout),
+            send_timeout=_seconds(send_timeout),
             **options,  # type: ignore[arg-type]
         )
     except (TypeError, ValueError) as err:

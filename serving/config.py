@@ -34,6 +34,11 @@ class ServerConfig:
     device: str | None = None
     threads: int | None = None
     max_read_tokens: int = 262144
+    max_choices_per_request: int = 64
+    max_tokens_per_request: int = 262144
+    max_sessions_per_key: int | None = None
+    read_timeout: float = 30.0
+    send_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -53,6 +58,19 @@ class ServerConfig:
             raise ValueError(f"port: must be in 0..65535, got {self.port}")
         if any(not key or key != key.strip() for key in self.api_keys):
             raise ValueError("api_keys: keys must be non-empty and carry no surrounding whitespace")
+        for name in ("max_choices_per_request", "max_tokens_per_request", "read_timeout", "send_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_sessions_per_key is not None and self.max_sessions_per_key <= 0:
+            raise ValueError(f"max_sessions_per_key: must be > 0, got {self.max_sessions_per_key}")
+
+    @property
+    def session_quota(self) -> int:
+        """Sessions one key may hold: ``max_sessions_per_key``, by default a quarter of ``max_sessions`` when
+        several keys share the server (so one key cannot lock the others out), else all of them."""
+        if self.max_sessions_per_key is not None:
+            return min(self.max_sessions_per_key, self.max_sessions)
+        return max(1, self.max_sessions // 4) if len(self.api_keys) > 1 else self.max_sessions
 
     @property
     def model_name(self) -> str:

@@ -2,19 +2,26 @@
 
 It is one middleware, not a per-route dependency, so a route added later cannot forget it: only the paths in
 ``PUBLIC_PATHS`` answer without a key. Keys are compared as SHA-256 digests with ``hmac.compare_digest`` over
-all configured keys (no early exit). The caller's principal is a hash of its key, stored in
-``scope["state"]["principal"]``; the key itself is never stored or logged.
+all configured keys (no early exit); a presented key is read as UTF-8, as clients send it. The caller's
+principal is a hash of its key, stored in ``scope["state"]["principal"]``; the key itself is never stored or
+logged. Slow clients are cut off: the body must arrive within ``read_timeout`` (408), and a response the client
+leaves unread for ``send_timeout`` is dropped, so its concurrency slot and session come back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
-from collections.abc import Callable
+import logging
+import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from adapt_runtime.serving.errors import envelope_bytes
 
+log = logging.getLogger("adapt_serve")
 PUBLIC_PATHS = frozenset({"/health"})
 ANONYMOUS = "anonymous"
 
@@ -61,8 +68,29 @@ def _bearer(scope: Scope) -> str | None:
     value = _header(scope, b"authorization")
     if value is None:
         return None
+    with contextlib.suppress(UnicodeDecodeError):
+        value = value.encode("latin-1").decode("utf-8")  # header bytes are UTF-8 from every common client
     scheme, _, token = value.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class SlowClient(Exception):
+    """The client left a response unread for longer than the send timeout."""
+
+
+def _slow_client(exc: BaseException) -> bool:
+    """Whether ``exc`` is a SlowClient, alone or in an exception group (a stream's task group wraps it)."""
+    return isinstance(exc, SlowClient) or any(_slow_client(e) for e in getattr(exc, "exceptions", ()))
+
+
+async def _within(work: Awaitable[Any], seconds: float | None) -> Any:
+    """``await work``, raising TimeoutError after ``seconds`` (None: no limit); no extra task on 3.11+."""
+    if seconds is None:
+        return await work
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await work
+    return await asyncio.wait_for(work, seconds)
 
 
 async def _reject(send: Send, status: int, message: str, code: str, headers: list | None = None) -> None:
@@ -76,10 +104,13 @@ async def _reject(send: Send, status: int, message: str, code: str, headers: lis
 class Guard:
     """ASGI middleware: authentication, then the body-size limit (413), then the app."""
 
-    def __init__(self, app: Any, keys: ApiKeys, body_limit: Callable[[str], int]) -> None:
+    def __init__(self, app: Any, keys: ApiKeys, body_limit: Callable[[str], int], read_timeout: float | None = None,
+                 send_timeout: float | None = None) -> None:
         self.app = app
         self.keys = keys
         self.body_limit = body_limit
+        self.read_timeout = read_timeout
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,19 +128,14 @@ class Guard:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _reject(send, 413, f"request body exceeds {limit} bytes", "request_too_large")
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            size += len(message.get("body", b""))
-            if size > limit:
-                await _reject(send, 413, f"request body exceeds {limit} bytes", "request_too_large")
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        try:
+            chunks = await _within(self._read_body(receive, send, limit), self.read_timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            await _reject(send, 408, f"the request body did not arrive within {self.read_timeout:g} s",
+                          "request_timeout", [(b"connection", b"close")])
+            return
+        if chunks is None:
+            return
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -119,4 +145,32 @@ class Guard:
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        async def timed_send(message: dict[str, Any]) -> None:
+            try:
+                await _within(send(message), self.send_timeout)
+            except (TimeoutError, asyncio.TimeoutError):
+                raise SlowClient(f"the client read nothing for {self.send_timeout:g} s") from None
+
+        try:
+            await self.app(scope, replay, send if self.send_timeout is None else timed_send)
+        except Exception as exc:
+            if not _slow_client(exc):
+                raise
+            log.warning("dropped a response to %s: the client read nothing for %g s", path, self.send_timeout)
+
+    @staticmethod
+    async def _read_body(receive: Receive, send: Send, limit: int) -> list[bytes] | None:
+        """The body's chunks; None when the request ended here (the client left, or 413 was sent)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            size += len(message.get("body", b""))
+            if size > limit:
+                await _reject(send, 413, f"request body exceeds {limit} bytes", "request_too_large")
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return chunks

@@ -6,9 +6,9 @@ Responses are plain dicts built in ``completions.py`` and ``chat.py``.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -20,6 +20,34 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where in a JSON value a string holds a lone surrogate (JSON allows "\\ud800"; UTF-8 does not), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = lone_surrogate(item, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+        if found is not None:
+            return found.lstrip(".")
+    return None
+
+
+class _ValidText(BaseModel):
+    """Refuses (400) a body whose strings are not valid Unicode before any field reaches the tokenizer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        where = lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where} holds a lone surrogate (U+D800..U+DFFF), which is not valid Unicode text")
+        return data
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -27,7 +55,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class _Generation(BaseModel):
+class _Generation(_ValidText):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
@@ -106,7 +134,7 @@ class ChatCompletionRequest(_Generation):
     add_generation_prompt: bool = True
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ValidText):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None

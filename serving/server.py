@@ -15,6 +15,7 @@ from adapt_runtime.serving.chat_template import ChatTemplate
 from adapt_runtime.serving.config import ServerConfig
 from adapt_runtime.serving.context import ServerContext
 from adapt_runtime.serving.engine import Engine
+from adapt_runtime.serving.http_protocol import with_header_timeout
 from adapt_runtime.serving.metrics import Metrics
 from adapt_runtime.serving.session_files import SessionFiles
 from adapt_runtime.serving.session_routes import decode_state
@@ -57,6 +58,7 @@ def create_context(config: ServerConfig, make_store: Callable[[Any, Callable[[st
         ttl=config.session_ttl,
         persistent=persistent,
         on_event=on_event,
+        max_per_owner=config.session_quota,
     )
     restored = store.restore()
     template_file = Path(config.chat_template) if config.chat_template else None
@@ -74,4 +76,5 @@ def serve(config: ServerConfig, log_level: str = "info") -> None:
     if not config.api_keys:
         log.warning("no --api-key given: every route is open to anyone who can reach %s:%d", config.host,
                     config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=10,
+                http=with_header_timeout(config.read_timeout))

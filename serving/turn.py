@@ -61,7 +61,8 @@ class Turn:
 
     def adaptation(self, final_state: Any | None) -> dict[str, Any]:
         state = final_state if final_state is not None else self.state
-        return {"committed": self.committed, "tokens_seen": state.tokens_seen, "writes": state.writes}
+        return {"committed": self.committed, "tokens_seen": state.tokens_seen, "writes": state.writes,
+                "refused_writes": state.refused_writes}
 
 
 async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, adapt: bool) -> Turn:
