@@ -47,6 +47,24 @@ def _unavailable(message: str) -> Response:
                     media_type="application/json", headers={"Retry-After": "1"})
 
 
+async def _relay(stream: Any, sse: bool) -> AsyncIterator[bytes]:
+    """Pass the engine's chunks on; if the replica dies mid-stream, an SSE stream ends with an error event (the
+    turn was not committed), any other body is cut."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except Exception as err:
+        log.warning("engine stream broke: %r", err)
+        if not sse:
+            raise
+        error = envelope_bytes(503, "the engine replica was lost during the stream; the turn may not be committed",
+                               "engine_lost")
+        yield b"data: " + error + b"\n\n"
+    finally:
+        stream.cancel()
+
+
+# helpers must be defined above: Serve captures the class when the decorator runs
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(ingress_app)
 class Ingress:
@@ -81,20 +99,3 @@ class Ingress:
             return Response(b"".join(chunks), status_code=status, headers=out_headers)
         sse = out_headers.get("content-type", "").startswith("text/event-stream")
         return StreamingResponse(_relay(stream, sse), status_code=status, headers=out_headers)
-
-
-async def _relay(stream: Any, sse: bool) -> AsyncIterator[bytes]:
-    """Pass the engine's chunks on; if the replica dies mid-stream, an SSE stream ends with an error event (the
-    turn was not committed), any other body is cut."""
-    try:
-        async for chunk in stream:
-            yield chunk
-    except Exception as err:
-        log.warning("engine stream broke: %r", err)
-        if not sse:
-            raise
-        error = envelope_bytes(503, "the engine replica was lost during the stream; the turn may not be committed",
-                               "engine_lost")
-        yield b"data: " + error + b"\n\n"
-    finally:
-        stream.cancel()
