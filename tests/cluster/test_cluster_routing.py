@@ -11,9 +11,12 @@ import pytest
 pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
 pytest.importorskip("redis", reason="needs the ray extra: pip install -e '.[ray]'")
 
+import httpx  # noqa: E402
 from adapt_runtime.serving.cluster.lease import LeaseConfig, LeaseStore  # noqa: E402
 from adapt_runtime.serving.cluster.state_store import CommitRejected  # noqa: E402
+from adapt_runtime.serving.guard import ApiKeys  # noqa: E402
 from cluster_testing import Cluster  # noqa: E402
+from oracle import History, Replay, check  # noqa: E402
 
 KEY_A, KEY_B = "key-a-cluster", "key-b-cluster"
 AUTH_A = {"Authorization": f"Bearer {KEY_A}"}
@@ -123,10 +126,18 @@ def test_a_writer_paused_past_its_lease_cannot_commit(cluster):
 
 
 def test_redis_down_fails_closed_and_recovers_after_a_restart(cluster):
-    assert cluster.turn("redis-1").status_code == 200
+    history = History("redis-1")
+
+    def turn(n: int) -> httpx.Response:
+        prompt = f"Turn {n} before and after the restart"
+        response = cluster.turn(history.sid, prompt=prompt)
+        history.record(prompt, response)
+        return response
+
+    assert turn(0).status_code == 200
     cluster.redis.stop()
     try:
-        down = cluster.turn("redis-1")
+        down = turn(1)
         assert down.status_code == 503, down.text
         assert down.json()["error"]["code"] == "session_store_unavailable"
         assert down.headers["retry-after"] == "1"
@@ -134,10 +145,19 @@ def test_redis_down_fails_closed_and_recovers_after_a_restart(cluster):
     finally:
         cluster.redis.start()
     deadline = time.monotonic() + 20
-    while (up := cluster.turn("redis-1")).status_code != 200 and time.monotonic() < deadline:
+    n = 2
+    while (up := turn(n)).status_code != 200 and time.monotonic() < deadline:
+        n += 1
         time.sleep(0.5)
     assert up.status_code == 200, up.text
     assert cluster.client.get("/v1/sessions/redis-1").json()["turns"] == 2, "the head survived the restart (AOF)"
+    replay = Replay(max_tokens=4)
+    try:
+        totals = check(cluster.states, replay, history, owner=ApiKeys((KEY_A,)).principal(KEY_A))
+    finally:
+        replay.close()
+    print(f"oracle after the Redis restart: {totals}")
+    assert totals["commits"] == 2 and totals["lost"] == 0 and totals["forks"] == 0
 
 
 def _keys(cluster):
