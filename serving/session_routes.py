@@ -112,7 +112,7 @@ async def export_state(request: Request, session_id: str) -> Response:
 async def import_state(request: Request, session_id: str) -> dict:
     ctx = ctx_of(request)
     session = ctx.store.get(principal_of(request), session_id)
-    state = decode_state(await request.body(), ctx.engine.rt)
+    state = await asyncio.to_thread(decode_state, await request.body(), ctx.engine.rt)  # checks every tensor
     await ctx.store.acquire(session)
     try:
         await ctx.store.commit(session, state, turn=False)
