@@ -25,7 +25,8 @@ def tiny_model(arch: str) -> nn.Module:
 
     torch.manual_seed(0)
     configs = {
-        "gpt2": GPT2Config(vocab_size=128, n_positions=256, n_embd=32, n_layer=2, n_head=4),
+        "gpt2": GPT2Config(vocab_size=128, n_positions=256, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                           eos_token_id=0),
         "opt": OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
                          max_position_embeddings=256, word_embed_proj_dim=32),
         "gpt_neox": GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
