@@ -75,7 +75,10 @@ class SessionFiles:
             raise
         for old in self._state_files(folder, record.id):
             if old.name != name:
-                old.unlink(missing_ok=True)
+                try:
+                    old.unlink(missing_ok=True)
+                except OSError as err:  # committed already; scan removes what is left
+                    log.warning("cannot remove the superseded %s: %s", old.name, err)
         return new
 
     def write_record(self, record: SessionRecord) -> None:

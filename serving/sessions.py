@@ -192,9 +192,13 @@ class SessionStore:
         only once the files are durable: a failed write raises 503 and the previous commit stays, so a retry
         applies the turn once and a restart never reverts an acknowledged one."""
         record = dataclasses.replace(session.record, last_used=time.time(), turns=session.record.turns + int(turn))
-        if self.persistent:
-            record = await self._write(session, record, state)
-        session.state, session.record = state, record
+        if not self.persistent:
+            session.state, session.record = state, record
+            return
+        # shielded: a caller cancelled mid-write (a client gone) cannot leave the disk ahead of memory
+        write = asyncio.ensure_future(self._write(session, record, state))
+        write.add_done_callback(lambda task: task.cancelled() or task.exception())
+        await asyncio.shield(write)
 
     def release(self, session: Session) -> None:
         """End a turn; spilling, if the budget needs it, runs as a background task."""
@@ -268,17 +272,19 @@ class SessionStore:
         if reason is not None:
             self._on_event(f"deleted_{reason}")
 
-    async def _write(self, session: Session, record: SessionRecord, state: Any) -> SessionRecord:
-        """Write ``state`` with ``record`` as one commit; the record naming the new files, or 404/503."""
+    async def _write(self, session: Session, record: SessionRecord, state: Any) -> None:
+        """Write ``state`` with ``record`` as one commit, then make them the session's, under its I/O lock
+        (404 for a deleted session, 503 when the write fails: then nothing changes)."""
         async with self._io(session):
             if session.deleted:
                 raise APIError(404, f"session {session.id} was deleted", "session_not_found", "session_id")
             try:
-                return await asyncio.to_thread(self.files.write, record, state)
+                new = await asyncio.to_thread(self.files.write, record, state)
             except OSError as err:
                 log.warning("cannot write session %s: %s", session.id, err)
                 raise retry_later(503, f"session {session.id} could not be saved ({err.strerror or err}); "
                                   "nothing of this request was kept", "session_write_failed", 1) from None
+            session.state, session.record = state, new
 
     def _read(self, record: SessionRecord) -> Any:
         if not self.files.has_state(record):

@@ -208,6 +208,37 @@ def test_a_failed_write_through_keeps_the_previous_turn(tmp_path, monkeypatch) -
     assert sorted(p.suffix for p in (tmp_path / OWNER).iterdir()) == [".json", ".safetensors"]
 
 
+def test_a_commit_cancelled_mid_write_leaves_memory_equal_to_disk(tmp_path, monkeypatch) -> None:
+    gate, writing = threading.Event(), threading.Event()
+    real_write = session_files.atomic_write
+
+    def slow_write(path, data):
+        writing.set()
+        gate.wait(10)
+        real_write(path, data)
+
+    async def scenario() -> str:
+        store = store_at(tmp_path)
+        await store.create(OWNER, sid=SID)
+        monkeypatch.setattr(session_files, "atomic_write", slow_write)
+        committing = asyncio.ensure_future(turn(store, SID, "two"))
+        await asyncio.to_thread(writing.wait, 10)
+        committing.cancel()  # the client went away while its turn was being written
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await committing
+        session = store.get(OWNER, SID)
+        await store.acquire(session)  # waits for the write, which finishes under the session's lock
+        store.release(session)
+        return session.state.tag
+
+    try:
+        in_memory = asyncio.run(scenario())
+    finally:
+        gate.set()
+    assert restored(tmp_path)[SID][1] == in_memory
+
+
 # item 14: a commit is one atomic unit ---------------------------------------------------------------------
 def _commit_then_die(root: Path, die_at: int) -> None:
     """In a forked child: a second turn whose ``die_at``-th rename is the last thing the process does."""
