@@ -23,7 +23,7 @@ def build_application(config: ClusterConfig) -> Any:
     from adapt_runtime.serving.cluster.engine_deployment import engine_deployment
     from adapt_runtime.serving.cluster.ingress import Ingress
 
-    engine = engine_deployment(config).bind(config)
+    engine = engine_deployment(config).bind(config.for_replica())
     return Ingress.bind(engine, max(INGRESS_BODY_LIMIT, config.server.max_request_bytes))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from adapt_runtime.serving.cluster.blobs import BlobStore
@@ -39,6 +40,11 @@ class ClusterConfig:
         if not self.state_store:
             raise ValueError("state_store: a directory or fsspec URL is required")
         LeaseConfig(self.lease_ttl_ms, self.prefix)
+
+    def for_replica(self) -> ClusterConfig:
+        """What an engine replica is built from: the scaling fields fixed, so that changing the replica count is
+        not a new version of the replicas (Serve would replace them all, and every session would remap)."""
+        return dataclasses.replace(self, replicas=1, max_replicas=None)
 
 
 def open_states(config: ClusterConfig, holder: str) -> StateStore:
