@@ -14,7 +14,7 @@ from adapt_runtime.serving.adapter_routes import is_adapter_route
 from adapt_runtime.serving.adapter_routes import router as adapter_router
 from adapt_runtime.serving.chat import chat_prompt, create_chat_completion
 from adapt_runtime.serving.completions import create_completion
-from adapt_runtime.serving.context import ServerContext, ctx_of, describe_runtime
+from adapt_runtime.serving.context import ServerContext, ctx_of, describe_runtime, off_loop, text_size
 from adapt_runtime.serving.errors import APIError, install_error_handlers
 from adapt_runtime.serving.guard import ApiKeys, Guard
 from adapt_runtime.serving.protocol import (
@@ -78,9 +78,11 @@ async def tokenize(request: Request, body: TokenizeRequest) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of prompt or messages", "invalid_request", "prompt")
     if body.messages is not None:
-        ids = chat_prompt(ctx, ChatCompletionRequest(messages=body.messages))
+        chat = ChatCompletionRequest(messages=body.messages)
+        ids = await off_loop(text_size(body.messages), chat_prompt, ctx, chat)
     else:
-        ids = ctx.engine.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        text = body.prompt or ""
+        ids = await off_loop(len(text), ctx.engine.encode, text, body.add_special_tokens)
     pieces = [ctx.engine.detok.piece(i) for i in ids]
     return {"count": len(ids), "max_model_len": ctx.engine.max_len, "tokens": ids, "token_strs": pieces}
 

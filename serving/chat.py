@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adapt_runtime.serving.completions import sampling
-from adapt_runtime.serving.context import ServerContext
+from adapt_runtime.serving.context import ServerContext, off_loop, text_size
 from adapt_runtime.serving.detokenize import Detokenizer
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import PromptScored, Token
@@ -23,12 +23,13 @@ def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
 
 async def create_chat_completion(ctx: ServerContext, request: Request, body: ChatCompletionRequest) -> Response:
     ctx.check_model(body.model)
-    ids = chat_prompt(ctx, body)
+    ids = await off_loop(text_size(body.messages), chat_prompt, ctx, body)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     long = split_long_prompt(ctx, request, body, ids, requested)
     ids = ids if long is None else long.tail
     max_tokens = requested if requested is not None else max(ctx.engine.max_len - len(ids), 0)
     ctx.engine.check_length(len(ids), max_tokens)
+    ctx.check_work(body.n, len(ids) + body.n * max_tokens)
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling(body, max_tokens, k)
     def plan(turn: Turn) -> list:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapt_runtime.serving.context import ServerContext
+from adapt_runtime.serving.context import ServerContext, off_loop, text_size
 from adapt_runtime.serving.detokenize import Detokenizer
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import PromptScored, Token
@@ -32,6 +32,11 @@ def prompt_ids(ctx: ServerContext, prompt: Any) -> list[tuple[list[int], str | N
     return [(engine.check_ids(list(p)), None) for p in prompt]
 
 
+def prompt_count(prompt: Any) -> int:
+    """How many prompts ``prompt`` holds (a string or one list of token ids is one)."""
+    return 1 if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt) else len(prompt)
+
+
 def sampling(body: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
@@ -44,13 +49,16 @@ async def create_completion(ctx: ServerContext, request: Request, body: Completi
     ctx.check_model(body.model)
     if body.suffix:
         raise APIError(400, "suffix is not supported", "unsupported_parameter", "suffix")
-    prompts = prompt_ids(ctx, body.prompt)
+    ctx.check_work(prompt_count(body.prompt) * body.n)
+    prompts = await off_loop(text_size(body.prompt), prompt_ids, ctx, body.prompt)
     long = split_long_prompt(ctx, request, body, prompts[0][0], body.max_tokens) if len(prompts) == 1 else None
     prompts = prompts if long is None else [(long.tail, None)]
     longest = max(len(ids) for ids, _ in prompts)
     max_tokens = body.max_tokens if body.max_tokens is not None else max(ctx.engine.max_len - longest, 0)
     for ids, _ in prompts:
         ctx.engine.check_length(len(ids), max_tokens)
+    choices = len(prompts) * body.n
+    ctx.check_work(choices, sum(len(ids) for ids, _ in prompts) + choices * max_tokens)
     params = sampling(body, max_tokens, body.logprobs)
     def plan(turn: Turn) -> list:
         if long is not None:

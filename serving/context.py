@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from adapt_runtime.serving.chat_template import ChatTemplate
 from adapt_runtime.serving.config import ServerConfig
@@ -13,6 +15,9 @@ from adapt_runtime.serving.errors import APIError, retry_later
 from adapt_runtime.serving.metrics import Metrics
 from adapt_runtime.serving.sessions import SessionStore
 from fastapi import Request
+
+T = TypeVar("T")
+OFF_LOOP_CHARS = 8192  # tokenizer work on more text than this runs on a worker thread
 
 
 @dataclass
@@ -46,6 +51,38 @@ class ServerContext:
     def leave(self) -> None:
         self.inflight -= 1
         self.metrics.running.set(self.inflight)
+
+    def check_work(self, choices: int, tokens: int | None = None) -> None:
+        """400 past ``--max-choices-per-request`` (prompts x n) or ``--max-tokens-per-request`` (prompt tokens
+        plus choices x max_tokens)."""
+        if choices > self.config.max_choices_per_request:
+            raise APIError(400, f"the request asks for {choices} choices (prompts x n); this server allows at most "
+                           f"{self.config.max_choices_per_request}", "too_many_choices", "n")
+        if tokens is not None and tokens > self.config.max_tokens_per_request:
+            raise APIError(400, f"the request would cost {tokens} tokens (prompt tokens + choices x max_tokens); "
+                           f"this server allows at most {self.config.max_tokens_per_request}", "too_many_tokens",
+                           "max_tokens")
+
+
+async def off_loop(chars: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` (tokenizer work on ``chars`` characters): inline when small, else on a worker thread, so a
+    large prompt does not stall the event loop (and every other client) while it is tokenised."""
+    if chars <= OFF_LOOP_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def text_size(value: Any) -> int:
+    """Characters of text (or token ids) in a prompt or a list of messages."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(text_size(v) for v in value)
+    text = getattr(value, "text", None)  # a content part
+    if isinstance(text, str):
+        return len(text)
+    content = getattr(value, "content", None)  # a chat message
+    return 1 if content is None else text_size(content)
 
 
 def ctx_of(request: Request) -> ServerContext:

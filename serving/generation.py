@@ -112,15 +112,18 @@ def as_api_error(error: BaseException) -> APIError:
 
 
 async def respond(gen: Generation, request: Request, stream: bool, options: StreamOptions | None) -> Response:
-    """Await the first chunk, then stream the rest or fold it into one body; cleans up the turn either way."""
+    """Await the first chunk, then stream the rest or fold it into one body; cleans up the turn either way. A
+    client that leaves before the end cancels its job, so the model thread stops reading and decoding for it."""
     ctx = gen.ctx
     parts = gen.choices()
     handed_off = False
     try:
-        try:
-            first = await parts.__anext__()
-        except StopAsyncIteration:
-            first = None
+        opened = await _race_disconnect(_first(parts), request)
+        if opened is None:
+            gen.job.cancelled.set()
+            ctx.metrics.disconnects.inc()
+            return Response(status_code=499)
+        first = opened[0]
         headers = {SESSION_HEADER: gen.turn.session_id} if gen.turn.session is not None else {}
         if stream:
             handed_off = True
@@ -128,6 +131,7 @@ async def respond(gen: Generation, request: Request, stream: bool, options: Stre
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
         folded = await _race_disconnect(_fold(gen, parts, first), request)
         if folded is None:
+            gen.job.cancelled.set()
             ctx.metrics.disconnects.inc()
             return Response(status_code=499)
         ctx.metrics.requests.labels(endpoint=gen.endpoint, outcome="ok").inc()
@@ -141,6 +145,14 @@ async def respond(gen: Generation, request: Request, stream: bool, options: Stre
             await gen.turn.close()
             ctx.leave()
             ctx.metrics.e2e.observe(time.perf_counter() - gen.started)
+
+
+async def _first(parts: AsyncIterator[dict]) -> tuple[dict | None]:
+    """The first chunk (None if there is none), in a tuple so that None is not mistaken for a disconnect."""
+    try:
+        return (await parts.__anext__(),)
+    except StopAsyncIteration:
+        return (None,)
 
 
 async def _fold(gen: Generation, parts: AsyncIterator[dict], first: dict | None) -> dict[str, Any]:

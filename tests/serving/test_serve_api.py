@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
+import torch
 from serve_testing import KEY_A, MODEL, Server
+
+import adapt_runtime as ar
 
 PROMPT = "Once upon a time, there was a little dog named Max. Max liked to"
 MESSAGES = [{"role": "system", "content": "You tell short stories."},
@@ -82,12 +87,29 @@ def test_echo_logprobs_cover_prompt_and_answer_with_exact_top1(server: Server, p
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + n
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
-        assert value <= max(top.values())
+    expected, best = _prompt_logprobs(ids)
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert [max(top.values()) for top in lp.top_logprobs[1 : len(ids)]] == pytest.approx(best, abs=1e-4)
     for value, top in zip(lp.token_logprobs[-n:], lp.top_logprobs[-n:]):
         assert value == max(top.values()), "greedy tokens must carry exactly the top-1 logprob"
     assert out.usage.prompt_tokens == len(ids)
     assert out.choices[0].text.startswith(PROMPT)
+
+
+@functools.cache
+def _runtime() -> Any:
+    model, _ = ar.load_model(MODEL)
+    return ar.patch(model, rule="hebbian")
+
+
+def _prompt_logprobs(ids: list[int]) -> tuple[list[float], list[float]]:
+    """Each prompt token's logprob and the best logprob at its position, computed here with the runtime (a
+    stateless request reads its prompt into a fresh state, writing as it reads)."""
+    rt = _runtime()
+    with torch.no_grad():
+        lp = torch.log_softmax(rt.forward(ids, rt.new_state())[0, :-1].float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return chosen.tolist(), lp.max(dim=-1).values.tolist()
 
 
 def test_prompt_lists_and_n_give_one_choice_each(server: Server) -> None:
