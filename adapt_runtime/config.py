@@ -58,6 +58,8 @@ class RuntimeConfig:
         lr: the rule's normalised learning rate.
         decay: factor on S before each write (1.0 keeps everything).
         clip: bound on each write's Frobenius norm relative to ``||W0||_F`` (None: no clip).
+        norm_bound: bound on each layer's ``||S||_F`` relative to its ``||W0||_F``: a write that takes S past it
+            is kept and S rescaled onto the bound (None: no bound). Keeps long sessions from drifting.
         state_dtype: dtype of S (``float32`` default; deltas of 1e-6 vanish in bf16).
         options: rule-specific options (for example ``target`` and ``modulation`` of ``hebbian``).
     """
@@ -69,6 +71,7 @@ class RuntimeConfig:
     decay: float = 1.0
     clip: float | None = None
     state_dtype: str = "float32"
+    norm_bound: float | None = None
     options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class RuntimeConfig:
             raise ValueError(f"decay must be in [0, 1], got {self.decay}")
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"clip must be positive or None, got {self.clip}")
+        if self.norm_bound is not None and not self.norm_bound > 0:
+            raise ValueError(f"norm_bound must be positive or None, got {self.norm_bound}")
         if self.lr < 0 or self.lr != self.lr:
             raise ValueError(f"lr must be a non-negative number, got {self.lr}")
         if self.state_dtype not in STATE_DTYPES:

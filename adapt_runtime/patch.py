@@ -25,7 +25,7 @@ def fingerprint(weights: list[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _defaults(rule: Rule, chunk_size, layers, lr, decay, clip) -> dict[str, Any]:
+def _defaults(rule: Rule, chunk_size, layers, lr, decay, clip, norm_bound=None) -> dict[str, Any]:
     if isinstance(rule, InPlaceTTTRule):
         chunk_size = chunk_size if chunk_size is not None else rule.ttt_chunk
         layers = layers if layers is not None else rule.ttt_layers
@@ -36,18 +36,21 @@ def _defaults(rule: Rule, chunk_size, layers, lr, decay, clip) -> dict[str, Any]
         "lr": float(lr if lr is not None else rule.default_lr),
         "decay": float(decay if decay is not None else rule.default_decay),
         "clip": clip if clip is not None else rule.default_clip,
+        "norm_bound": norm_bound if norm_bound is not None else rule.default_norm_bound,
     }
 
 
 def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None = None,
           layers: str | list[int] | None = None, lr: float | None = None, decay: float | None = None,
-          clip: float | None = None, state_dtype: str = "float32", **rule_options: Any) -> Runtime:
+          clip: float | None = None, state_dtype: str = "float32", norm_bound: float | None = None,
+          **rule_options: Any) -> Runtime:
     """Make the down projections of ``layers`` plastic and return the ``Runtime`` that drives them.
 
     Args:
         model: a HF causal LM of a supported architecture (see ``adapt_runtime.architectures``).
         rule: ``hebbian``, ``gradient``, ``inplace-ttt``, ``none``, or a ``Rule`` object.
-        chunk_size, layers, lr, decay, clip: see ``RuntimeConfig``; None takes the rule's measured default.
+        chunk_size, layers, lr, decay, clip, norm_bound: see ``RuntimeConfig``; None takes the rule's measured
+            default.
         state_dtype: dtype of the fast weights (``float32`` default).
         **rule_options: options of the named rule, e.g. ``target="error"`` for ``hebbian``.
 
@@ -65,11 +68,11 @@ def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None
         rule_options["checkpoint"] = getattr(model, "name_or_path", None) or None
     rule_obj = make_rule(rule, **rule_options)
     decoder_layers = get_path(model, spec.layers)
-    opts = _defaults(rule_obj, chunk_size, layers, lr, decay, clip)
+    opts = _defaults(rule_obj, chunk_size, layers, lr, decay, clip, norm_bound)
     config = RuntimeConfig(rule=rule_obj.name, chunk_size=opts["chunk_size"],
                            layers=select_layers(opts["layers"], len(decoder_layers)), lr=opts["lr"],
                            decay=opts["decay"], clip=opts["clip"], state_dtype=state_dtype,
-                           options=rule_obj.options())
+                           options=rule_obj.options(), norm_bound=opts["norm_bound"])
     plastic: dict[int, PlasticDown] = {}
     hooks = []
     for i in config.layers:

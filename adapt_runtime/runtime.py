@@ -18,6 +18,7 @@ from adapt_runtime.architectures import ArchSpec, get_path, set_path
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
 from adapt_runtime.kv import assemble, scatter
+from adapt_runtime.norm_bound import bound_norms
 from adapt_runtime.plastic import Binding, PlasticDown
 from adapt_runtime.rules import Rule, Segment, Write
 from adapt_runtime.rules.gradient import ChunkGraph
@@ -227,6 +228,7 @@ class Runtime:
                 continue
             writes = self.rule.writes_for(self, s, tokens[b], graphs.get(id(s)))
             self._apply_writes(s, writes)
+            bound_norms(s, self.config.norm_bound, self._w0_norm)
             s.pending.clear()
 
     def _apply_writes(self, s: FastWeights, writes: list[Write]) -> None:

@@ -66,6 +66,7 @@ class Rule:
     default_layers: ClassVar[str | tuple[int, ...]] = "all"
     default_decay: ClassVar[float] = 1.0
     default_clip: ClassVar[float | None] = None
+    default_norm_bound: ClassVar[float | None] = None
 
     def options(self) -> dict[str, Any]:
         """Rule-specific options, JSON-able (recorded in the config and in state files)."""

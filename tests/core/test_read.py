@@ -90,3 +90,28 @@ def test_a_one_token_window_has_no_score_and_the_default_window_is_the_context()
     result = rt.read(tokens(rt.max_length + 1), rt.new_state())
     assert result.windows == 2
     assert math.isnan(result.window_nll[1]) and result.to_dict()["window_nll"][1] is None
+
+
+def test_norm_bound_rescales_a_write_onto_the_bound_instead_of_refusing_it() -> None:
+    doc = tokens(8, seed=4)  # one chunk of 7 and the token that fires its write
+    free, bounded = patched("hebbian", chunk_size=7), patched("hebbian", chunk_size=7, norm_bound=1e-3)
+    s_free, s_bounded = free.new_state(), bounded.new_state()
+    free.forward(doc, s_free)
+    bounded.forward(doc, s_bounded)
+    assert s_bounded.writes == s_free.writes == 1 and s_bounded.refused_writes == 0
+    for layer, S in s_free.S.items():
+        limit = 1e-3 * float(torch.linalg.vector_norm(free.plastic[layer].weight0))
+        norm = float(torch.linalg.vector_norm(S))
+        assert norm > limit  # the bound binds, so the check below can fail
+        torch.testing.assert_close(s_bounded.S[layer], S * (limit / norm), rtol=1e-5, atol=1e-9)
+
+
+def test_norm_bound_holds_every_layer_over_a_long_read() -> None:
+    rt = patched("hebbian", chunk_size=7, norm_bound=0.01)
+    state = rt.new_state()
+    result = rt.read(tokens(400, seed=5), state, window=70)
+    assert result.writes == (400 - 1) // 7 and result.refused_writes == 0  # a write fires on the next token
+    ratios = [state.delta_norms()[i] / float(torch.linalg.vector_norm(rt.plastic[i].weight0)) for i in state.S]
+    assert max(ratios) <= 0.01 * (1 + 1e-5) and max(ratios) == pytest.approx(0.01, rel=1e-4)
+    with pytest.raises(ValueError, match="norm_bound"):
+        patched("hebbian", norm_bound=0.0)
