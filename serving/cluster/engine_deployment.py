@@ -9,6 +9,7 @@ state is cached; correctness does not depend on that (see ``cluster_sessions``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -66,6 +67,12 @@ class SessionEngine:
             ctx.engine.close()
 
 
+def replica_version(config: ClusterConfig) -> str:
+    from adapt_runtime import __version__
+
+    return hashlib.sha256(f"{__version__}:{config.for_replica()!r}".encode()).hexdigest()[:16]
+
+
 def engine_deployment(config: ClusterConfig) -> Any:
     """The SessionEngine deployment with strict consistent-hash routing on the session id."""
     scaling: dict[str, Any] = {"num_replicas": config.replicas}
@@ -76,6 +83,11 @@ def engine_deployment(config: ClusterConfig) -> Any:
                                  request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 0})
     return serve.deployment(SessionEngine).options(
         name="SessionEngine",
+        # a version that depends on what the replicas are built from: then ``serve.run`` with another replica count
+        # scales the running replicas instead of replacing them all (Serve's Python API otherwise draws a random
+        # version per run); ``version`` is only accepted from Serve's own internal callers in 2.60
+        version=replica_version(config),
+        _internal=True,
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         ray_actor_options={"num_cpus": config.replica_cpus},
