@@ -1,4 +1,9 @@
-"""Per-row KV caches in, one batched HF cache out, and back: rows at different lengths are left-padded."""
+"""Per-row KV caches in, one batched HF cache out, and back: rows at different lengths are left-padded.
+
+Every layer keeps its whole KV, sliding-window layers included: the model's mask applies the window, so a row's
+layers all have its ``kv_len`` entries, rows past the window batch like any others, and a chunk recomputed on a KV
+prefix sees exactly the keys it saw the first time (a cache trimmed to the window could not give them back).
+"""
 
 from __future__ import annotations
 
@@ -29,26 +34,25 @@ class BatchedCache:
         tensors of this call can then serve the next one as they are (decode steps of a fixed batch)."""
         return (len(states) > 1 and len(states) == len(self.rows)
                 and all(s is r and s.kv is kv for s, r, kv in zip(states, self.rows, self.row_kv))
-                and all(type(layer) is DynamicLayer for layer in self.cache.layers)
                 and int(self.cache.layers[0].keys.shape[-2]) == width)
 
 
-def assemble(states: list[FastWeights], config, steps: int, device: torch.device,
+def assemble(states: list[FastWeights], steps: int, device: torch.device,
              previous: BatchedCache | None = None) -> BatchedCache:
     """Stack the rows' caches for a call of ``steps`` new tokens per row (reusing ``previous`` when it continues)."""
     lengths = [s.kv_len for s in states]
     width = max(lengths)
-    cache = DynamicCache(config=config)
-    if width and previous is not None and previous.continues(states, width):
-        for i, layer in enumerate(previous.cache.layers):
-            _load_layer(cache, i, layer.keys, layer.values)
+    cache = DynamicCache()  # full layers only (see the module docstring)
+    reuse = bool(width) and previous is not None and previous.continues(states, width)
+    if not reuse:
+        _check_rows(states, lengths)
+    if reuse:
+        for layer in previous.cache.layers:
+            _load_layer(cache, layer.keys, layer.values)
     elif width and len(states) == 1:
-        for i, (k, v) in enumerate(states[0].kv):
-            _load_layer(cache, i, k, v)
+        for k, v in states[0].kv:
+            _load_layer(cache, k, v)
     elif width:
-        if any(s.kv and int(s.kv[0][0].shape[-2]) != n for s, n in zip(states, lengths)):
-            raise ValueError("rows of different lengths cannot be batched on a model with sliding-window layers; "
-                             "feed them one at a time")
         ref = next(s.kv for s in states if s.kv)
         for i, (ref_k, ref_v) in enumerate(ref):
             keys = ref_k.new_zeros(len(states), ref_k.shape[1], width, ref_k.shape[3])
@@ -57,7 +61,7 @@ def assemble(states: list[FastWeights], config, steps: int, device: torch.device
                 if n:  # left-padded: the row's entries end at the common width
                     keys[b, :, width - n :] = s.kv[i][0][0]
                     values[b, :, width - n :] = s.kv[i][1][0]
-            _load_layer(cache, i, keys, values)
+            _load_layer(cache, keys, values)
     offsets = torch.tensor(lengths, device=device)[:, None]
     position_ids = offsets + torch.arange(steps, device=device)[None]
     mask = None
@@ -68,15 +72,19 @@ def assemble(states: list[FastWeights], config, steps: int, device: torch.device
     return BatchedCache(cache, mask, position_ids, lengths, width)
 
 
-def _load_layer(cache: DynamicCache, i: int, keys: Tensor, values: Tensor) -> None:
-    """Put a row's stored keys/values into layer ``i`` of a fresh cache; a full-attention layer takes the tensors
-    as they are (``update`` would copy them once more), a sliding one goes through ``update``."""
-    layer = cache.layers[i] if i < len(cache.layers) else None
-    if type(layer) is DynamicLayer:
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-    else:
-        cache.update(keys, values, i)
+def _check_rows(states: list[FastWeights], lengths: list[int]) -> None:
+    for s, n in zip(states, lengths):
+        if n and any(int(k.shape[-2]) != n or int(v.shape[-2]) != n for k, v in s.kv):
+            raise ValueError(f"a row's KV layers do not all hold its {n} cached positions (a cache trimmed to a "
+                             "sliding window?); call state.drop_kv() to continue with the fast weights alone")
+
+
+def _load_layer(cache: DynamicCache, keys: Tensor, values: Tensor) -> None:
+    """Append a layer holding ``keys``/``values`` as they are (``update`` would copy them once more)."""
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    cache.layers.append(layer)
 
 
 def scatter(batched: BatchedCache, states: list[FastWeights]) -> None:

@@ -7,24 +7,21 @@ feeding a stream in one call, in pieces or token by token gives the same logits 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from adapt_runtime import kernels
 from adapt_runtime.architectures import ArchSpec, get_path, set_path
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
 from adapt_runtime.kv import assemble, scatter
 from adapt_runtime.norm_bound import bound_norms
 from adapt_runtime.plastic import Binding, PlasticDown
-from adapt_runtime.rules import Rule, Segment, Write
-from adapt_runtime.rules.gradient import ChunkGraph
+from adapt_runtime.rules import Rule, Segment
+from adapt_runtime.rules.gradient import ChunkGraph, autograd_on, normal
 from adapt_runtime.state import FastWeights, StateSpec
-
-log = logging.getLogger("adapt_runtime")
+from adapt_runtime.writes import apply_writes
 
 
 class Runtime:
@@ -100,6 +97,8 @@ class Runtime:
                 raise ContextOverflowError(
                     f"{s.kv_len} cached + {total} new tokens exceed the model's {self.max_length} positions; "
                     "call state.drop_kv() to continue with the fast weights alone")
+        if not adapt and self.rule.writes and total:
+            self._label_pending(states, ids[:, 0])
         adapt = adapt and self.rule.writes
         C = self.config.chunk_size
         outs: list[Tensor] = []
@@ -127,8 +126,9 @@ class Runtime:
                 if adapt:
                     segments.append(self._record(s, b, start, bindings, logits[b], nxt[b]))
                 if grad:
-                    graphs[id(s)] = ChunkGraph(logits[b], {i: r.records["x"][b] for i, r in bindings.items()},
-                                               {i: r.records["probe"] for i, r in bindings.items()})
+                    with autograd_on():  # the row's logits keep their graph under no_grad / inference_mode
+                        graphs[id(s)] = ChunkGraph(logits[b], {i: r.records["x"][b] for i, r in bindings.items()},
+                                                   {i: r.records["probe"] for i, r in bindings.items()})
             if adapt:
                 self.rule.observe_rows(self, states, segments)
             outs.append(logits.detach())
@@ -160,7 +160,14 @@ class Runtime:
 
     def _call(self, ids: Tensor, states: list[FastWeights], capture: frozenset[str],
               grad: bool) -> tuple[Tensor, dict[int, Binding]]:
-        batched = assemble(states, self.model.config, ids.shape[1], self.device, self._last_batch)
+        if grad:  # autograd on even under torch.no_grad() / torch.inference_mode(), on normal (not inference) tensors
+            with autograd_on():
+                return self._call_model(normal(ids), states, capture, grad)
+        return self._call_model(ids, states, capture, grad)
+
+    def _call_model(self, ids: Tensor, states: list[FastWeights], capture: frozenset[str],
+                    grad: bool) -> tuple[Tensor, dict[int, Binding]]:
+        batched = assemble(states, ids.shape[1], self.device, self._last_batch)
         bindings = self._bind(states, capture, grad)
         try:
             with torch.set_grad_enabled(grad):
@@ -185,9 +192,9 @@ class Runtime:
             deltas = [s.S[i] for s in states]
             if single is not None and deltas[0] is not None:
                 if self._merge_ok:
-                    binding.merged = self._merged[i]
+                    binding.merged = normal(self._merged[i]) if grad else self._merged[i]
                 else:
-                    binding.per_row = deltas[0][None]
+                    binding.per_row = (normal(deltas[0]) if grad else deltas[0])[None]
             elif any(d is not None for d in deltas):
                 zero = torch.zeros(wrapper.weight0.shape, dtype=self.state_spec.dtype, device=self.device)
                 binding.per_row = torch.stack([d if d is not None else zero for d in deltas])
@@ -217,6 +224,14 @@ class Runtime:
         inv_rms = None if self._final_inv_rms is None else self._final_inv_rms.reshape(-1, n)[b]
         return Segment(records, logits.detach(), labels, inv_rms)
 
+    def _label_pending(self, states: list[FastWeights], next_tokens: Tensor) -> None:
+        """Before a call that does not adapt: the last captured position of each pending chunk gets its label now,
+        so that the rule's targets stay aligned with the captured keys (the unadapted positions are skipped)."""
+        waiting = [b for b, s in enumerate(states) if len(s.pending)]
+        if waiting:
+            tokens = next_tokens.tolist()
+            self.rule.resolve_rows(self, [states[b] for b in waiting], [tokens[b] for b in waiting])
+
     def _fire_writes(self, states: list[FastWeights], next_tokens: Tensor, graphs: dict[int, ChunkGraph]) -> None:
         C = self.config.chunk_size
         tokens = next_tokens.tolist()
@@ -227,37 +242,9 @@ class Runtime:
             if s.pending.chunk == s.tokens_seen // C:
                 continue
             writes = self.rule.writes_for(self, s, tokens[b], graphs.get(id(s)))
-            self._apply_writes(s, writes)
-            bound_norms(s, self.config.norm_bound, self._w0_norm)
+            if apply_writes(s, writes, self.config.decay, self.config.clip, self._w0_norm):
+                bound_norms(s, self.config.norm_bound, self._w0_norm)
             s.pending.clear()
-
-    def _apply_writes(self, s: FastWeights, writes: list[Write]) -> None:
-        if not writes:
-            return
-        tensors = {id(t): t for w in writes for t in (w.V, w.X, w.beta)}  # rules often share V and beta
-        finite = torch.isfinite(torch.stack([t.float().sum() for t in tensors.values()])).all()  # NaN/inf propagate
-        if not bool(finite):
-            self._refuse(s)
-            return
-        slot = torch.zeros(1, dtype=torch.long, device=self.device)
-        refused = False
-        for w in writes:
-            bound = None
-            if self.config.clip is not None:
-                bound = torch.tensor([self.config.clip * self._w0_norm[w.layer]], device=self.device)
-            S = s.delta(w.layer, create=True)
-            norm = kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], self.config.decay, bound)
-            refused = refused or not bool(torch.isfinite(norm).all())  # overflow: that layer was left unchanged
-        if refused:
-            self._refuse(s)
-        else:
-            s.writes += 1
-        s.bump()
-
-    @staticmethod
-    def _refuse(s: FastWeights) -> None:
-        s.refused_writes += 1
-        log.warning("refused a non-finite fast-weight write (chunk %d); the state is unchanged", s.pending.chunk)
 
     def recompute_chunk(self, s: FastWeights) -> ChunkGraph:
         """The pending chunk's forward again, with grad, on the KV prefix before it and the same S."""
@@ -271,9 +258,10 @@ class Runtime:
             tmp.kv_tokens = keep
         ids = torch.tensor([s.tokens[first:]], device=self.device)
         logits, bindings = self._call(ids, [tmp], frozenset({"x"}), grad=True)
-        rows = torch.tensor([p - first for p in s.pending.positions], device=self.device)
-        return ChunkGraph(logits[0], {i: r.records["x"][0] for i, r in bindings.items()},
-                          {i: r.records["probe"] for i, r in bindings.items()}, rows)
+        with autograd_on():
+            rows = torch.tensor([p - first for p in s.pending.positions], device=self.device)
+            return ChunkGraph(logits[0], {i: r.records["x"][0] for i, r in bindings.items()},
+                              {i: r.records["probe"] for i, r in bindings.items()}, rows)
 
     def read(self, input_ids: Tensor | Sequence[int], state: FastWeights, window: int | None = None,
              progress: bool = False, on_window=None):

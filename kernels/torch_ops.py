@@ -9,21 +9,23 @@ GATHER_LIMIT = 2**16  # elements per slot below which decode gathers the slots i
 
 
 def apply_torch(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor | None = None) -> Tensor:
+    # accumulate in float32 at least (a bfloat16 S is read exactly, never x rounded to it), like the merged W0 + S
+    acc = torch.promote_types(S.dtype, torch.float32)
     if offsets is None and S.shape[1] * S.shape[2] < GATHER_LIMIT:
         # decode with small slots: gather each row's slot and do one bmm
-        delta = torch.bmm(x.unsqueeze(1).to(S.dtype), S[slots].transpose(1, 2)).squeeze(1)
+        delta = torch.bmm(x.unsqueeze(1).to(acc), S[slots].to(acc).transpose(1, 2)).squeeze(1)
         y.add_(delta.to(y.dtype))
         return y
     if offsets is None:
         # decode with large slots: a gather would copy every row's slot (measured 10x slower at 512 x 1792)
         for r, slot in enumerate(slots.tolist()):
-            y[r].add_(torch.mv(S[slot], x[r].to(S.dtype)).to(y.dtype))
+            y[r].add_(torch.mv(S[slot].to(acc), x[r].to(acc)).to(y.dtype))
         return y
     bounds = offsets.tolist()
     for r, slot in enumerate(slots.tolist()):
         start, end = bounds[r], bounds[r + 1]
         if end > start:
-            y[start:end].add_((x[start:end].to(S.dtype) @ S[slot].T).to(y.dtype))
+            y[start:end].add_((x[start:end].to(acc) @ S[slot].to(acc).T).to(y.dtype))
     return y
 
 
@@ -70,7 +72,8 @@ def apply_write_torch(
     decay: float = 1.0,
     max_norm: float | None = None,
 ) -> Tensor:
-    y.add_((x.to(S.dtype) @ S[slot].T).to(y.dtype))
+    acc = torch.promote_types(S.dtype, torch.float32)
+    y.add_((x.to(acc) @ S[slot].to(acc).T).to(y.dtype))
     bound = None if max_norm is None else torch.tensor([max_norm], dtype=torch.float32, device=S.device)
     slots = torch.tensor([slot], device=S.device)
     b = None if beta is None else beta[None]

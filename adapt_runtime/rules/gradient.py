@@ -3,6 +3,8 @@ down_proj, as a fast weight)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,20 @@ from adapt_runtime.state import FastWeights
 
 if TYPE_CHECKING:
     from adapt_runtime.runtime import Runtime
+
+
+@contextmanager
+def autograd_on() -> Iterator[None]:
+    """Autograd recording on, also inside ``torch.no_grad()`` and ``torch.inference_mode()`` (users call the
+    runtime that way; the gradient rule's graph needs autograd inside it)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def normal(t: Tensor) -> Tensor:
+    """``t``, or a normal copy of it if it was made under ``torch.inference_mode()`` (autograd cannot save an
+    inference tensor for backward)."""
+    return t.clone() if t.is_inference() else t
 
 
 @dataclass
@@ -48,9 +64,9 @@ class GradientRule(Rule):
     def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
         if graph is None:
             graph = rt.recompute_chunk(state)
-        labels = self.labels_for(state, next_token)
-        logits = graph.logits if graph.rows is None else graph.logits[graph.rows]
-        with torch.enable_grad():
+        with autograd_on():
+            labels = self.labels_for(state, next_token)
+            logits = graph.logits if graph.rows is None else graph.logits[graph.rows]
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             layers = list(state.spec.layers)
             grads = torch.autograd.grad(loss, [graph.probes[layer] for layer in layers])

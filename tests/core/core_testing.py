@@ -1,6 +1,13 @@
-"""Tiny models built from configs (no downloads), token streams and patched runtimes for the core tests."""
+"""Tiny models built from configs (no downloads), token streams and patched runtimes for the core tests, the
+device they run on and the one tolerance table of the core tests.
+
+``ADAPT_TEST_DEVICE=cuda`` (or ``cuda:1``) runs the runtime on that device: models and token streams are made
+there; without the device the tests skip (see ``conftest.py``).
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import transformers
@@ -8,6 +15,31 @@ import transformers
 import adapt_runtime as ar
 
 VOCAB = 97
+DEVICE = torch.device(os.environ.get("ADAPT_TEST_DEVICE") or "cpu")
+
+# (atol, rtol) per kind of comparison; every core test takes its tolerance from here. On a GPU the kernels
+# (sdpa, cuBLAS) reassociate more, so each bound is ten times looser there.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "same-call": (1e-6, 1e-6),  # the same tokens in calls of different lengths (matmul blocking only)
+    "prefix": (1e-5, 1e-5),  # positions before a change of the stream (causality)
+    "logits": (1e-4, 1e-4),  # logits of a stream fed in pieces, token by token, batched or alone
+    "state": (1e-5, 1e-4),  # S after the same stream fed differently
+    "reference": (1e-5, 1e-4),  # a rule's write against an independent re-implementation
+    "autograd": (1e-6, 1e-4),  # the gradient write against autograd w.r.t. S (small S, tight atol)
+    "definition": (1e-5, 1e-5),  # a formula against its definition on the same inputs
+}
+_LOOSEN = 10.0 if DEVICE.type == "cuda" else 1.0
+
+
+def tolerance(kind: str) -> dict[str, float]:
+    """``atol``/``rtol`` keyword arguments of ``kind`` (a key of ``TOLERANCES``) on this device."""
+    atol, rtol = TOLERANCES[kind]
+    return {"atol": atol * _LOOSEN, "rtol": rtol * _LOOSEN}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str) -> None:
+    """``torch.testing.assert_close`` with the table's tolerance for ``kind``."""
+    torch.testing.assert_close(actual, expected, **tolerance(kind))
 
 TINY_CONFIGS = {
     "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)),
@@ -30,19 +62,21 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(arch: str = "llama", layers: int = 3, seed: int = 0) -> torch.nn.Module:
-    """A random-init float32 causal LM of ``arch`` in eval mode (transformers picks sdpa where supported)."""
+def tiny_model(arch: str = "llama", layers: int = 3, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random-init float32 causal LM of ``arch`` in eval mode on the test device (transformers picks sdpa where
+    supported); ``overrides`` change config fields, e.g. ``sliding_window=8``."""
     name, kwargs = TINY_CONFIGS[arch]
     config = getattr(transformers, name)(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=256,
-                                         **kwargs)
+                                         **{**kwargs, **overrides})
     if arch == "gpt2":
         config.n_layer = layers
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    return transformers.AutoModelForCausalLM.from_config(config).float().eval().to(DEVICE)
 
 
 def tokens(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+    """``n`` random ids (never the special ids 0-2) on the test device."""
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 # Rates large enough that writes visibly move the tiny random model (the defaults are for real models).

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_testing import patched, tokens
+import torch.nn.functional as F
+from core_testing import VOCAB, assert_close, patched, tiny_model, tokens
 
 import adapt_runtime as ar
 
@@ -169,3 +170,34 @@ def test_batched_decode_steps_equal_rows_alone(rule):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     for a, b in zip(alone, batched):
         assert a.writes == b.writes > 0 and a.kv_len == b.kv_len
+
+
+def test_adapt_false_mid_chunk_keeps_hebbian_targets_with_their_keys():
+    """Chunk 0 is read as adapt, no-adapt, adapt: its write must pair each adapted position's key with that
+    position's own target (the unadapted positions 3 and 4 are skipped), checked against the rule's formula
+    computed here from the base model's keys and logits (S is zero during chunk 0)."""
+    C, lr = 8, 4.0
+    model = tiny_model()
+    ids = tokens(C + 1)
+    keys = {}
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, args, out, i=i: keys.__setitem__(i, args[0][0]))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        logits = model(ids[None, :C]).logits[0].float()
+    for h in hooks:
+        h.remove()
+    kept = torch.tensor([0, 1, 2, 5, 6, 7], device=ids.device)
+    U = model.get_output_embeddings().weight.detach().float()
+    v = (F.one_hot(ids[1 : C + 1], VOCAB).float() - logits.softmax(-1)) @ U  # the error target, by definition
+    mean_sq = torch.stack([keys[i][kept].pow(2).sum(-1).mean() for i in keys]).mean()
+    beta = lr / (len(kept) * mean_sq)
+    expected = {i: beta * v[kept].T @ keys[i][kept] for i in keys}
+
+    rt = ar.patch(model, rule="hebbian", chunk_size=C, lr=lr, topk=0, norm_jacobian=False)
+    state = rt.new_state()
+    rt.forward(ids[:3], state)
+    rt.forward(ids[3:5], state, adapt=False)
+    rt.forward(ids[5:], state)
+    assert state.writes == 1 and state.tokens_seen == C + 1
+    for i in expected:
+        assert_close(state.S[i], expected[i], "reference")

@@ -58,6 +58,13 @@ def test_apply_torch(case: Case) -> None:
     _check(case, "torch", RATIO)
 
 
+@pytest.mark.parametrize("case", params([c for c in CPU_CASES if c.dtype == f32]))
+def test_apply_torch_bf16_state_accumulates_in_float32(case: Case) -> None:
+    """A bfloat16 S is read exactly and the products summed in float32: as close to the float64 twin as a float32
+    S is (x is never rounded to bfloat16)."""
+    _check(case, "torch", RATIO, state_dtype=bf16)
+
+
 def test_apply_triton_bf16_state(interpreter: None) -> None:
     _check(Case(3, 7, 40, 72, 4, f32), "triton", {f32: 2e-3}, state_dtype=bf16)
 
