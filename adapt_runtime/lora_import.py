@@ -120,8 +120,19 @@ def _check_targets(rt: Runtime, config: dict[str, Any]) -> set[str]:
     if wanted == "all-linear":
         raise LoraIncompatibleError("the adapter targets all linear layers; only the plastic down projections "
                                     f"({', '.join(plastic_modules(rt))}) can seed a session")
-    if not isinstance(wanted, (str, list)) or not wanted:
-        raise LoraFormatError(f"{CONFIG_NAME}: target_modules must be a module name list or a regex string")
+    for key in ("target_modules", "exclude_modules"):
+        value = config.get(key)
+        names = [value] if isinstance(value, str) else value
+        if (key == "target_modules" or value is not None) and not (
+                isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+            raise LoraFormatError(f"{CONFIG_NAME}: {key} must be a module name list or a regex string")
+    if not wanted:
+        raise LoraFormatError(f"{CONFIG_NAME}: target_modules is empty")
+    for key in ("target_modules", "exclude_modules"):
+        try:
+            re.compile(config[key] if isinstance(config.get(key), str) else "")
+        except re.error as err:
+            raise LoraFormatError(f"{CONFIG_NAME}: {key} is not a valid regex: {err}") from None
     plastic = plastic_modules(rt)
     matched = {name for name in _leaf_modules(rt) if targets(config, name)}
     others = sorted(matched - set(plastic))

@@ -87,6 +87,8 @@ MALFORMED = {
     "rank-zero": dict(config=_set(r=0)),
     "alpha-text": dict(config=_set(lora_alpha="sixteen")),
     "no-target-modules": dict(config=_set(target_modules=None)),
+    "target-modules-not-names": dict(config=_set(target_modules=[3])),
+    "target-modules-bad-regex": dict(config=_set(target_modules="(down_proj")),
     "rank-differs-from-config": dict(config=lambda c: c.update(r=c["r"] + 1)),
     "missing-lora-b": dict(weights=_drop(f"{PREFIX}.2.mlp.down_proj.lora_B.weight")),
     "not-a-peft-key": dict(weights=_add("model.layers.0.mlp.down_proj.lora_A.weight", (4, 172))),
