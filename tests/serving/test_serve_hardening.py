@@ -229,3 +229,40 @@ def test_an_error_that_escapes_a_step_fails_its_jobs_and_the_thread_lives_on(loa
     finally:
         scheduler.close()
     assert not scheduler.alive
+
+
+class CountingRuntime:
+    """The runtime, counting prompt reads (calls of more than one token) and cancelling ``job`` after the first."""
+
+    def __init__(self, rt: Any) -> None:
+        self.rt, self.job, self.reads = rt, None, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.rt, name)
+
+    def forward(self, ids: Any, state: Any, adapt: bool = True) -> torch.Tensor:
+        if len(ids) > 1:
+            self.reads += 1
+            if self.job is not None:
+                self.job.cancelled.set()  # the client leaves while the first prompt is read
+        return self.rt.forward(ids, state, adapt=adapt)
+
+
+def test_a_job_whose_client_left_stops_reading_its_prompts(loaded: tuple[Any, Any]) -> None:
+    rt, tokenizer = loaded
+    counting = CountingRuntime(rt)
+    collector = Collector()
+    scheduler = _scheduler(counting, tokenizer, collector)
+    try:
+        ids = tokenizer.encode("Once upon a time there was a dog")
+        job = Job([Prompt(rt.new_state(), ids, ids) for _ in range(6)], 2, SamplingParams(max_tokens=TOKENS),
+                  True, frozenset(), emit=lambda _: None)
+        counting.job = job
+        scheduler.submit(job)
+        after = _job(rt, tokenizer)
+        scheduler.submit(after)
+        collector.wait([after])
+        assert counting.reads == 2, "after its client left, none of the job's other prompts may be read"
+        assert not any(isinstance(e, Token) for e in collector.events.get(id(job), []))
+    finally:
+        scheduler.close()

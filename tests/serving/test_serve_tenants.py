@@ -3,6 +3,8 @@ refused writes shown to clients, session ids matched in full, lone surrogates re
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from serve_testing import KEY_A, KEY_B, Server, assert_envelope
@@ -88,8 +90,9 @@ LONE = "tell me \ud800 a story"
 ], ids=["prompt", "prompt-list", "chat", "chat-parts", "stop", "tokenize", "tokenize-chat"])
 def test_a_lone_surrogate_is_400(server: Server, path: str, body: dict) -> None:
     with server.http() as http:
-        response = http.post(path, json=body)  # the JSON encoder writes the lone surrogate as "\ud800"
-        assert b"\\ud800" in response.request.content
+        content = json.dumps(body).encode()  # ASCII JSON: the lone surrogate travels as "\ud800"
+        assert b"\\ud800" in content
+        response = http.post(path, content=content, headers={"content-type": "application/json"})
         error = assert_envelope(response, 400, "invalid_request")
         assert "surrogate" in error["message"]
         assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).status_code == 200
