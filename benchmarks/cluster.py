@@ -3,6 +3,8 @@
     python benchmarks/cluster.py                 # needs the ray extra (pip install -e '.[ray]') and redis-server
     python benchmarks/cluster.py --sessions 16 --turns 4 --state-mb 1,16,64 --out runs/cluster.json
 
+Latencies are the best of ``--repeat`` runs (a shared 2-core machine moves them by tens of percent).
+
 Measures, in one run on this machine: the commit path alone (blob write + fenced head CAS, p50/p99, bytes written
 per turn) for synthetic state sizes; streamed TTFT and inter-token latency of the single-process server and of the
 cluster (2 engine replicas + ingress, ``ray.init(num_cpus=2)``) on the bundled model, one session turn at a time;
@@ -127,6 +129,13 @@ def latency(url: str, sessions: int, turns: int, max_tokens: int) -> dict[str, A
             "affinity": stays / moves if moves else float("nan"), "placements": placements}
 
 
+def best_latency(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``latency`` ``--repeat`` times; each percentile is the best (lowest) of the runs, affinity the worst."""
+    runs = [latency(url, args.sessions, args.turns, args.max_tokens) for _ in range(args.repeat)]
+    best = {k: min(r[k] for r in runs) for k in runs[0] if k.endswith("_ms")}
+    return {**best, "affinity": min(r["affinity"] for r in runs), "placements": runs[0]["placements"]}
+
+
 def owners(url: str, sids: list[str]) -> dict[str, str]:
     with httpx.Client(base_url=url, timeout=60) as client:
         return {sid: client.get(f"/v1/sessions/{sid}").headers["x-replica-id"] for sid in sids}
@@ -167,7 +176,7 @@ def cluster_run(config: Any, args: argparse.Namespace) -> dict[str, Any]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(config), name="adapt", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        result = latency(url, args.sessions, args.turns, args.max_tokens)
+        result = best_latency(url, args)
         sids = list(result.pop("placements"))
         before = owners(url, sids)
         serve.run(build_application(dataclasses.replace(config, replicas=3)), name="adapt", route_prefix="/")
@@ -204,7 +213,7 @@ def single_run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url)
-        result = latency(url, args.sessions, args.turns, args.max_tokens)
+        result = best_latency(url, args)
         result.pop("placements")
         return result
     finally:
@@ -226,7 +235,7 @@ def table(commits: list[dict[str, Any]], single: dict[str, Any], cluster: dict[s
         for q in ("p50", "p99"):
             k = f"{name}_{q}_ms"
             rows.append((f"{name.upper()} {q}: single process / cluster (overhead)",
-                         f"{single[k]:.1f} / {cluster[k]:.1f} ms (+{cluster[k] - single[k]:.1f} ms)"))
+                         f"{single[k]:.1f} / {cluster[k]:.1f} ms ({cluster[k] - single[k]:+.1f} ms)"))
     width = max(len(r[0]) for r in rows)
     lines = [f"| {a:<{width}} | {b} |" for a, b in rows]
     lines.insert(1, f"|{'-' * (width + 2)}|---|")
@@ -240,6 +249,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--state-mb", default="1,16,64", help="synthetic state sizes for the commit path (MB)")
     parser.add_argument("--commits", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3, help="latency runs; the best of them is reported")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = parser.parse_args()
 
