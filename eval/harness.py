@@ -102,7 +102,8 @@ def run_rule(rt: Any, rule: str, episodes: dict[str, list[Episode]], attn_window
         task = get_task(name)
         for ep in tqdm(eps, desc=f"{rule:>10s} {name}", disable=not progress, leave=False):
             t0 = time.perf_counter()
-            score = score_episode(rt, rt.new_state(), ep, adapt=adapt, window=attn_window)
+            scorer = getattr(task, "score", score_episode)  # a task may score its own way (long-memory reads)
+            score = scorer(rt, rt.new_state(), ep, adapt=adapt, window=attn_window)
             m = task.measure(ep, score)
             yield clean({
                 "rule": rule, "task": ep.task, "variant": ep.variant, "shots": ep.shots, "ctx_len": ep.ctx_len,

@@ -124,7 +124,45 @@ def niah_heatmap(out: Path, rows: list[dict], rules: list[str]) -> list[dict[str
     return made
 
 
+def long_memory(out: Path, metric_rows: list[dict], curve_rows: list[dict], rules: list[str]) -> list[dict]:
+    """long-memory: per document length, seen-passage NLL vs distance (dashed: the random-direction control);
+    and the change vs the fresh state (``none``) of seen / unseen / needle NLL vs document length."""
+    made = []
+    curves = [r for r in curve_rows if r["task"] == "long-memory"]
+    for n in sorted({r["ctx_len"] for r in curves}):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for rule in rules:
+            for curve, style in (("seen_nll_by_distance", "-"), ("control_seen_nll_by_distance", "--")):
+                pts = sorted((r for r in curves if r["ctx_len"] == n and r["rule"] == rule and r["metric"] == curve),
+                             key=lambda r: int(r["x"]))
+                if pts and (style == "-" or rule != BASELINE):
+                    label = rule if style == "-" else f"{rule} control"
+                    ax.plot([int(r["x"]) for r in pts], [r["value"] for r in pts], style, marker="o",
+                            color=f"C{rules.index(rule)}", label=label)
+        ax.set_xlabel("distance from the end of the document (tokens)")
+        ax.set_ylabel("seen passage NLL (nats)")
+        ax.set_title(f"long-memory, {n}-token document: memory vs distance")
+        ax.legend(fontsize=8)
+        made.append({"task": "long-memory", "path": "plots/" + _save(fig, out / f"long_memory_distance_{n}.png")})
+    pts = [r for r in metric_rows if r["task"] == "long-memory" and r.get("delta_vs_none")]
+    if pts:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for rule in rules[1:]:
+            for metric, style in (("seen_nll", "-"), ("unseen_nll", "--"), ("needle_nll", ":")):
+                rp = sorted((r for r in pts if r["rule"] == rule and r["metric"] == metric), key=lambda r: r["ctx_len"])
+                if rp:
+                    ax.plot([r["ctx_len"] for r in rp], [r["delta_vs_none"]["value"] for r in rp], style, marker="o",
+                            color=f"C{rules.index(rule)}", label=f"{rule} {metric.split('_')[0]}")
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.set_xlabel("tokens read")
+        ax.set_ylabel(f"Δ NLL vs {BASELINE} (fresh state)")
+        ax.set_title("long-memory: memory vs document length")
+        ax.legend(fontsize=8)
+        made.append({"task": "long-memory", "path": "plots/" + _save(fig, out / "long_memory_length.png")})
+    return made
+
+
 def make_plots(out: Path, metric_rows: list[dict], curve_rows: list[dict], rules: list[str]) -> list[dict]:
     """Every plot the rows support; returns [{"task", "path"}] with paths relative to the run folder."""
     return (loss_vs_position(out, curve_rows, rules) + acc_vs_shots(out, metric_rows, rules)
-            + niah_heatmap(out, metric_rows, rules))
+            + niah_heatmap(out, metric_rows, rules) + long_memory(out, metric_rows, curve_rows, rules))

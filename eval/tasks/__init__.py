@@ -7,13 +7,14 @@ from adapt_runtime.eval.tasks.babi import Babi
 from adapt_runtime.eval.tasks.base import Task, TaskSpec
 from adapt_runtime.eval.tasks.copy_task import CopyTask
 from adapt_runtime.eval.tasks.label_map import LabelMap
+from adapt_runtime.eval.tasks.long_memory import LongMemory
 from adapt_runtime.eval.tasks.longdoc_ppl import LongdocPpl
 from adapt_runtime.eval.tasks.niah import Niah
 from adapt_runtime.eval.tasks.session_memory import SessionMemory
 
 TASKS: dict[str, Task] = {
     t.name: t
-    for t in (LongdocPpl(), SessionMemory(), AssocRecall(), CopyTask(), LabelMap(), Niah(), Babi())
+    for t in (LongdocPpl(), SessionMemory(), AssocRecall(), CopyTask(), LabelMap(), Niah(), Babi(), LongMemory())
 }
 
 
