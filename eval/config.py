@@ -27,7 +27,8 @@ PRESETS: dict[str, Preset] = {
     # CI: a few short episodes of the text tasks and one synthetic task, about a minute on 2 CPU cores.
     "smoke": Preset(("longdoc-ppl", "session-memory", "assoc-recall"), 3, (0, 4), (128,)),
     # A human's first look: every task that needs no data file, 20 episodes per cell.
-    "quick": Preset(tuple(n for n, t in TASKS.items() if t.data != "required"), 20, (0, 1, 4, 16), None),
+    "quick": Preset(tuple(n for n, t in TASKS.items() if t.data != "required" and getattr(t, "quick", True)), 20,
+                    (0, 1, 4, 16), None),
     "full": Preset(tuple(TASKS), 100, (0, 1, 2, 4, 8, 16, 32), None),
 }
 

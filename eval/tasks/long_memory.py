@@ -72,6 +72,7 @@ class LongMemory:
     data: ClassVar[str] = "optional"
     headline: ClassVar[str] = "seen_nll"
     lower_is_better: ClassVar[bool] = True
+    quick: ClassVar[bool] = False  # thousands of tokens per episode: not in the quick preset (run it by --task)
 
     def episodes(self, spec: TaskSpec) -> list[Episode]:
         window = min(spec.max_length, MAX_WINDOW)
