@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,23 @@ def test_bundled_model_ships_with_provenance():
         assert (folder / name).is_file(), name
 
 
-def test_llama_alias_loads_offline(bundled, monkeypatch):
-    model, tokenizer = bundled
+def test_llama_alias_loads_offline(monkeypatch):
+    """Offline mode on and every network connection refused: the bundled model still loads."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError("network access in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    model, tokenizer = ar.load_model("llama")
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 5
     assert not model.training and tokenizer.bos_token_id == 1
+    assert tokenizer.decode(tokenizer("Once upon a time").input_ids, skip_special_tokens=True) == "Once upon a time"
+    assert attempts == []
 
 
 @pytest.mark.parametrize("name", ["no-such-org/no-such-model-xyz", "/nonexistent/dir/model"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_testing import TINY_CONFIGS, tiny_model, tokens
+from core_testing import TINY_CONFIGS, assert_close, tiny_model, tokens
 
 import adapt_runtime as ar
 from adapt_runtime.architectures import ARCHITECTURES, get_path
@@ -80,27 +80,72 @@ def test_bad_config_is_clear(bad):
         ar.patch(tiny_model(), rule="hebbian", **bad)
 
 
-def test_clip_bounds_each_write():
-    rt = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=50.0, clip=1e-3)
+def test_clip_scales_a_write_down_to_the_bound():
+    """One write, clipped: the clipped S is the unclipped write scaled to norm ``clip * ||W0||`` exactly."""
+    ids = tokens(5)  # chunk 0 complete and labelled: one write
+    free = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=50.0)
+    clipped = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=50.0, clip=1e-3)
+    a, b = free.new_state(), clipped.new_state()
+    free.forward(ids, a)
+    clipped.forward(ids, b)
+    assert a.writes == b.writes == 1
+    for layer, wrapper in clipped.plastic.items():
+        bound = 1e-3 * float(torch.linalg.vector_norm(wrapper.weight0.detach()))
+        norm = float(torch.linalg.vector_norm(a.S[layer]))
+        assert norm > 10 * bound, "the clip must be active for this test to mean anything"
+        assert_close(b.S[layer], a.S[layer] * (bound / norm), "reference")
+
+
+def recorded_writes(rt, monkeypatch) -> list[list]:
+    """Record every write the rule returns (``V``, ``X``, ``beta`` per layer), in order."""
+    log: list[list] = []
+    writes_for = rt.rule.writes_for
+
+    def spy(*args, **kwargs):
+        writes = writes_for(*args, **kwargs)
+        log.append([(w.layer, w.V.double(), w.X.double(), w.beta.double()) for w in writes])
+        return writes
+
+    monkeypatch.setattr(rt.rule, "writes_for", spy)
+    return log
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.5, 0.0], ids=lambda d: f"decay{d}")
+def test_decay_multiplies_old_writes_at_each_write(decay, monkeypatch):
+    """After K writes U_1..U_K, S = sum_k decay^(K-k) U_k, with each U_k = V^T diag(beta) X formed here in float64."""
+    rt = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=1.0, decay=decay)
+    log = recorded_writes(rt, monkeypatch)
     state = rt.new_state()
-    rt.forward(tokens(5), state)
-    for layer, wrapper in rt.plastic.items():
-        bound = 1e-3 * float(wrapper.weight0.detach().norm())
-        assert float(state.S[layer].norm()) <= bound * (1 + 1e-4)
+    rt.forward(tokens(17), state)
+    assert state.writes == len(log) == 4
+    for layer in rt.config.layers:
+        expected = torch.zeros_like(state.S[layer], dtype=torch.float64)
+        for writes in log:
+            (V, X, beta), = [(V, X, beta) for i, V, X, beta in writes if i == layer]
+            expected = decay * expected + (V * beta[:, None]).T @ X
+        assert_close(state.S[layer].double(), expected, "reference")
 
 
-def test_decay_shrinks_old_writes():
-    kept = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=1.0, decay=1.0)
-    decayed = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=1.0, decay=0.5)
-    a, b = kept.new_state(), decayed.new_state()
-    ids = tokens(30)
-    kept.forward(ids, a)
-    decayed.forward(ids, b)
-    assert sum(b.delta_norms().values()) < sum(a.delta_norms().values())
-
-
-def test_bfloat16_state_dtype():
+def test_bfloat16_state_rows_batched_equal_rows_alone():
+    """A bfloat16 S: batched rows (the per-row apply) equal rows alone (the merged W0 + S) to float32 accuracy,
+    and S follows the float32 run up to bfloat16 rounding."""
     rt = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=4.0, state_dtype="bfloat16")
-    state = rt.new_state()
-    rt.forward(tokens(9), state)
-    assert all(s.dtype == torch.bfloat16 for s in state.S.values())
+    ref = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=4.0)
+    prefixes = [tokens(9, seed=1), tokens(14, seed=2), tokens(5, seed=3)]
+    alone, batched, exact = [rt.new_state() for _ in prefixes], [rt.new_state() for _ in prefixes], []
+    for prefix, a, b in zip(prefixes, alone, batched):
+        rt.forward(prefix, a)
+        rt.forward(prefix, b)
+        exact.append(ref.new_state())
+        ref.forward(prefix, exact[-1])
+    nxt = torch.stack([tokens(6, seed=10 + i) for i in range(3)])
+    expected = torch.cat([rt.forward(nxt[i], s) for i, s in enumerate(alone)])
+    assert_close(rt.forward(nxt, batched), expected, "logits")
+    for a, b, e in zip(alone, batched, exact):
+        ref.forward(nxt[exact.index(e)], e)
+        assert a.writes == b.writes == e.writes > 0
+        for layer in a.spec.layers:
+            assert a.S[layer].dtype == torch.bfloat16
+            assert_close(b.S[layer], a.S[layer], "bfloat16-state")
+            err = torch.linalg.vector_norm(a.S[layer].double() - e.S[layer].double())
+            assert err <= 2e-2 * torch.linalg.vector_norm(e.S[layer].double())  # bf16 keeps 8 bits per write

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from core_testing import VOCAB, tiny_model, tokens
+from core_testing import DEVICE, VOCAB, assert_close, tiny_model, tokens
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -42,7 +42,7 @@ def test_gradient_write_matches_autograd_wrt_S(start):
     ids = tokens(C + 1)
     d, f = model.model.layers[0].mlp.down_proj.weight.shape
     torch.manual_seed(3)
-    init = [torch.zeros(d, f) if start == "zero" else 0.05 * torch.randn(d, f) for _ in range(3)]
+    init = [(torch.zeros(d, f) if start == "zero" else 0.05 * torch.randn(d, f)).to(DEVICE) for _ in range(3)]
     # brute force: L(S) = summed next-token CE of the chunk; the write is -lr / (C * mean||x||^2) * dL/dS
     deltas = [s.clone().requires_grad_(True) for s in init]
     records = {}
@@ -63,7 +63,7 @@ def test_gradient_write_matches_autograd_wrt_S(start):
             rt.forward(piece, fresh)
         assert fresh.writes == 1
         for i in range(3):
-            torch.testing.assert_close(fresh.S[i], expected[i], atol=1e-6, rtol=1e-4)
+            assert_close(fresh.S[i], expected[i], "autograd")
 
 
 def make_ttt_checkpoint(folder, chunk=6, ttt_lr=0.5, target="hidden_states"):
@@ -85,7 +85,8 @@ def make_ttt_checkpoint(folder, chunk=6, ttt_lr=0.5, target="hidden_states"):
 def paper_update(h, x, conv, proj, lr):
     """dW = lr * V^T X with V = conv5(T) @ P, the conv within the chunk (zero outside), written as plain loops."""
     n, d = h.shape
-    T = torch.zeros(n, d)
+    conv, proj = conv.to(h.device), proj.to(h.device)
+    T = torch.zeros(n, d, device=h.device)
     for t in range(n):
         for j in range(-2, 3):
             if 0 <= t + j < n:
@@ -96,7 +97,7 @@ def paper_update(h, x, conv, proj, lr):
 
 def test_inplace_ttt_matches_the_papers_formula(tmp_path):
     weights = make_ttt_checkpoint(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval().to(DEVICE)
     ids = tokens(13)
     records = {}
     zeros = [torch.zeros_like(layer.mlp.down_proj.weight) for layer in model.model.layers]
@@ -110,7 +111,7 @@ def test_inplace_ttt_matches_the_papers_formula(tmp_path):
     for i in (0, 2):
         conv, proj = weights[f"model.layers.{i}.mlp.ttt_conv.weight"], weights[f"model.layers.{i}.mlp.ttt_proj.weight"]
         expected = paper_update(records["h"][i], records["x"][i], conv, proj, 0.5)
-        torch.testing.assert_close(state.S[i], expected, atol=1e-5, rtol=1e-4)
+        assert_close(state.S[i], expected, "reference")
 
 
 def test_inplace_ttt_needs_a_checkpoint(tmp_path):
@@ -124,20 +125,20 @@ def test_inplace_ttt_needs_a_checkpoint(tmp_path):
 def test_hebbian_error_target_is_the_definition():
     model = tiny_model()
     rt = ar.patch(model, rule="hebbian", chunk_size=4, topk=0, norm_jacobian=False)
-    logits = torch.randn(3, VOCAB)
-    labels = torch.tensor([5, 9, 1])
+    logits = torch.randn(3, VOCAB, device=DEVICE)
+    labels = torch.tensor([5, 9, 1], device=DEVICE)
     U = model.get_output_embeddings().weight.detach()
     expected = (F.one_hot(labels, VOCAB).float() - logits.softmax(-1)) @ U
     v, nll = rt.rule._targets(logits, labels)
-    torch.testing.assert_close(v, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(nll, F.cross_entropy(logits, labels, reduction="none"))
+    assert_close(v, expected, "definition")
+    assert_close(nll, F.cross_entropy(logits, labels, reduction="none"), "definition")
 
 
 def test_topk_error_target_is_close_to_exact():
     model = tiny_model()
     exact = ar.patch(model, rule="hebbian", topk=0).rule
-    logits = torch.randn(4, VOCAB) * 6  # peaked
-    labels = torch.tensor([1, 2, 3, 4])
+    logits = torch.randn(4, VOCAB, device=DEVICE) * 6  # peaked
+    labels = torch.tensor([1, 2, 3, 4], device=DEVICE)
     approx = ar.patch(tiny_model(), rule="hebbian", topk=32).rule
     v_exact, _ = exact._targets(logits, labels)
     v_top, _ = approx._targets(logits, labels)
