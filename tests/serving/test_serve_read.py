@@ -146,8 +146,8 @@ def test_a_client_that_goes_away_rolls_the_read_back(server: Server) -> None:
 
 def test_a_chat_turn_after_a_read_uses_a_fresh_context(server: Server) -> None:
     sid = server.new_session()
-    with server.http() as http:
-        assert http.post(f"/v1/sessions/{sid}/read", json={"tokens": document(10 * CONTEXT)}).status_code == 200
+    read = server.client().post(f"/sessions/{sid}/read", cast_to=object, body={"tokens": document(10 * CONTEXT)})
+    assert read["windows"] == 10 and read["committed"] is True  # the openai client's raw post, as in the README
     reply = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
                                                     max_tokens=8, extra_headers={"X-Session-ID": sid})
     assert reply.choices[0].finish_reason in ("stop", "length")
