@@ -21,13 +21,12 @@ APP = "adapt"
 class Cluster:
     """Deploys the application on an initialised Ray; ``client`` talks to Serve's HTTP proxy."""
 
-    def __init__(self, folder: Path, redis_server: RedisServer, replicas: int = 2, lease_ttl_ms: int = 3000,
-                 **server: Any) -> None:
+    def __init__(self, port: int, folder: Path, redis_server: RedisServer, replicas: int = 2,
+                 lease_ttl_ms: int = 3000, **server: Any) -> None:
         from ray import serve
 
         self.redis = redis_server
-        self.port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        self.port = port
         self.config = ClusterConfig(
             ServerConfig(model="llama", threads=1, **server), redis_server.url, str(folder / "store"),
             replicas=replicas, replica_cpus=0.5, lease_ttl_ms=lease_ttl_ms, keep_versions=0, history=0,
@@ -91,12 +90,17 @@ class Cluster:
         serve.delete(APP)
 
 
-def start_ray() -> None:
+def start_ray() -> int:
+    """Ray and Serve's HTTP proxy (one per run: its port cannot change once started); returns the port."""
     import ray
+    from ray import serve
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="adapt-tests",
              configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
 
 
 def stop_ray() -> None:

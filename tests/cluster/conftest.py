@@ -16,11 +16,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="session")
-def ray_runtime() -> Iterator[None]:
-    """One local Ray for the whole run (starting one costs ~15 s on 2 cores); Serve apps are per module."""
+def ray_runtime() -> Iterator[int]:
+    """One local Ray and Serve proxy for the whole run (starting them costs ~15 s on 2 cores); the port of the
+    proxy. Serve applications are per module."""
     pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
     from cluster_testing import start_ray, stop_ray
 
-    start_ray()
-    yield
+    yield start_ray()
     stop_ray()

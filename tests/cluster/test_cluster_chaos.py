@@ -22,7 +22,7 @@ MAX_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def cluster(ray_runtime, redis_server, tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("chaos"), redis_server, lease_ttl_ms=2000)
+    c = Cluster(ray_runtime, tmp_path_factory.mktemp("chaos"), redis_server, lease_ttl_ms=2000)
     yield c
     c.close()
 

@@ -25,7 +25,7 @@ AUTH_B = {"Authorization": f"Bearer {KEY_B}"}
 
 @pytest.fixture(scope="module")
 def cluster(ray_runtime, redis_server, tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster"), redis_server, api_keys=(KEY_A, KEY_B))
+    c = Cluster(ray_runtime, tmp_path_factory.mktemp("cluster"), redis_server, api_keys=(KEY_A, KEY_B))
     c.client.headers.update(AUTH_A)
     yield c
     c.close()
