@@ -64,27 +64,31 @@ class Generation:
 
     async def choices(self) -> AsyncIterator[dict]:
         n = self.job.n
-        async for event in self.ctx.engine.run(self.job):
-            if isinstance(event, PromptScored):
-                self.prompt_tokens += event.prompt_tokens
-                self.ctx.metrics.prompt_tokens.inc(event.prompt_tokens)
-                for index in range(event.prompt_index * n, (event.prompt_index + 1) * n):
-                    for part in (self.fmt.opening(index), self.fmt.echo(index, event)):
-                        if part is not None:
-                            yield part
-            elif isinstance(event, Token):
-                self._count_token()
-                part = self.fmt.token(event)
-                if part is not None:
-                    yield part
-            elif isinstance(event, Finished):
-                self.ctx.metrics.finished.labels(finished_reason=event.reason).inc()
-                yield self.fmt.finish(event.index, event.reason)
-            elif isinstance(event, Done):
-                self.final_state = self.job.states[0] if self.job.states else None
-                await self.turn.finish(self.final_state)
-            elif isinstance(event, Failed):
-                raise as_api_error(event.error)
+        events = self.ctx.engine.run(self.job)
+        try:
+            async for event in events:
+                if isinstance(event, PromptScored):
+                    self.prompt_tokens += event.prompt_tokens
+                    self.ctx.metrics.prompt_tokens.inc(event.prompt_tokens)
+                    for index in range(event.prompt_index * n, (event.prompt_index + 1) * n):
+                        for part in (self.fmt.opening(index), self.fmt.echo(index, event)):
+                            if part is not None:
+                                yield part
+                elif isinstance(event, Token):
+                    self._count_token()
+                    part = self.fmt.token(event)
+                    if part is not None:
+                        yield part
+                elif isinstance(event, Finished):
+                    self.ctx.metrics.finished.labels(finished_reason=event.reason).inc()
+                    yield self.fmt.finish(event.index, event.reason)
+                elif isinstance(event, Done):
+                    self.final_state = self.job.states[0] if self.job.states else None
+                    await self.turn.finish(self.final_state)
+                elif isinstance(event, Failed):
+                    raise as_api_error(event.error)
+        finally:
+            await events.aclose()  # now, not when collected: closing the run cancels the job if it still runs
 
     def _count_token(self) -> None:
         now = time.perf_counter()
@@ -120,7 +124,6 @@ async def respond(gen: Generation, request: Request, stream: bool, options: Stre
     try:
         opened = await _race_disconnect(_first(parts), request)
         if opened is None:
-            gen.job.cancelled.set()
             ctx.metrics.disconnects.inc()
             return Response(status_code=499)
         first = opened[0]
@@ -128,10 +131,9 @@ async def respond(gen: Generation, request: Request, stream: bool, options: Stre
         if stream:
             handed_off = True
             body = _sse(gen, parts, first, options or StreamOptions())
-            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+            return _ClosingStream(body, media_type="text/event-stream", headers=headers)
         folded = await _race_disconnect(_fold(gen, parts, first), request)
         if folded is None:
-            gen.job.cancelled.set()
             ctx.metrics.disconnects.inc()
             return Response(status_code=499)
         ctx.metrics.requests.labels(endpoint=gen.endpoint, outcome="ok").inc()
@@ -184,6 +186,17 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+class _ClosingStream(StreamingResponse):
+    """A stream whose body is closed when the response ends for any reason (a send that timed out included), so
+    the turn and the concurrency slot come back at once instead of when the generator is collected."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 def _frame(payload: dict[str, Any]) -> bytes:
