@@ -22,8 +22,9 @@ def test_presets_without_data_leave_out_tasks_that_need_it():
                          ids=["seed", "chunk", "window", "rule-config"])
 def test_config_hash_follows_every_setting(change):
     base = RunConfig.from_preset("smoke", model="llama", rules=RULES)
+    again = RunConfig.from_preset("smoke", model="llama", rules=RULES)  # built anew: equal settings, equal hash
     other = RunConfig.from_preset("smoke", model="llama", rules=RULES, **change)
-    assert config_hash(base, "m", None) == config_hash(base, "m", None)
+    assert base is not again and config_hash(base, "m", None) == config_hash(again, "m", None)
     assert config_hash(base, "m", None) != config_hash(other, "m", None)
     assert config_hash(base, "m", None) != config_hash(base, "other-model", None)
 

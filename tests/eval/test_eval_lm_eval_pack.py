@@ -1,5 +1,6 @@
 """The lm-eval task pack end to end: lm-eval's local-completions client scores a live adapt-serve."""
 
+import math
 import os
 import socket
 import subprocess
@@ -56,8 +57,16 @@ def test_lm_eval_scores_adapt_serve_with_the_pack(server):
     out = simple_evaluate(model="local-completions",
                           model_args=f"model=llama,base_url={server},num_concurrent=1,max_retries=1,max_length=512",
                           tasks=TASKS, task_manager=TaskManager(include_path=str(PACK)),
-                          limit=4, bootstrap_iters=0, log_samples=False)
+                          limit=4, bootstrap_iters=0, log_samples=True)
     for task in TASKS:
-        acc = out["results"][task]["acc,none"]
-        assert 0.0 <= acc <= 1.0
         assert out["n-samples"][task]["effective"] == 4
+        samples = out["samples"][task]
+        assert len(samples) == 4
+        for sample in samples:
+            # one (loglikelihood, is_greedy) per choice, as the server scored them
+            lls = [float(resp[0]) for resp in sample["filtered_resps"]]
+            assert len(lls) >= 2 and all(math.isfinite(x) and x < 0 for x in lls), lls
+            assert len(set(lls)) > 1, f"every choice scored the same: {lls}"
+            gold = int(sample["target"])
+            assert sample["acc"] == float(max(range(len(lls)), key=lls.__getitem__) == gold)
+        assert out["results"][task]["acc,none"] == pytest.approx(sum(x["acc"] for x in samples) / 4)
