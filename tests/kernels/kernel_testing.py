@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import pytest
@@ -28,6 +29,16 @@ def params(cases: list[Case]) -> list:
 # relative RMS error bound per activation dtype; float32 on a GPU allows for TF32 tl.dot
 RATIO = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 GPU_RATIO = {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# ``ADAPT_TEST_DEVICE=cuda`` runs the torch-path tests on that device (the interpreter tests stay on the CPU)
+DEVICE = os.environ.get("ADAPT_TEST_DEVICE") or "cpu"
+TORCH_RATIO = RATIO if DEVICE == "cpu" else {**RATIO, torch.float32: 1e-4}
+
+
+def needs_device() -> None:
+    """Skip when ``ADAPT_TEST_DEVICE`` names a CUDA device this machine does not have."""
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip(f"ADAPT_TEST_DEVICE={DEVICE} but CUDA is not available")
 
 
 def assert_close(name: str, ref: Tensor, out: Tensor, ratio: float, atol: float = 1e-6) -> None:

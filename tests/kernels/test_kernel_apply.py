@@ -6,7 +6,18 @@ import pytest
 import torch
 from adapt_runtime.kernels import apply
 from adapt_runtime.kernels.naive import apply_naive
-from kernel_testing import GPU_RATIO, RATIO, Case, assert_close, params, segments, state
+from kernel_testing import (
+    DEVICE,
+    GPU_RATIO,
+    RATIO,
+    TORCH_RATIO,
+    Case,
+    assert_close,
+    needs_device,
+    params,
+    segments,
+    state,
+)
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -55,14 +66,16 @@ def test_apply_triton(case: Case, interpreter: None) -> None:
 
 @pytest.mark.parametrize("case", params(CPU_CASES))
 def test_apply_torch(case: Case) -> None:
-    _check(case, "torch", RATIO)
+    needs_device()
+    _check(case, "torch", TORCH_RATIO, device=DEVICE)
 
 
 @pytest.mark.parametrize("case", params([c for c in CPU_CASES if c.dtype == f32]))
 def test_apply_torch_bf16_state_accumulates_in_float32(case: Case) -> None:
     """A bfloat16 S is read exactly and the products summed in float32: as close to the float64 twin as a float32
     S is (x is never rounded to bfloat16)."""
-    _check(case, "torch", RATIO, state_dtype=bf16)
+    needs_device()
+    _check(case, "torch", TORCH_RATIO, state_dtype=bf16, device=DEVICE)
 
 
 def test_apply_triton_bf16_state(interpreter: None) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from adapt_runtime.kernels import apply_write
 from adapt_runtime.kernels.naive import apply_write_naive
-from kernel_testing import GPU_RATIO, RATIO, Case, assert_close, params, state
+from kernel_testing import DEVICE, GPU_RATIO, RATIO, TORCH_RATIO, Case, assert_close, needs_device, params, state
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -57,7 +57,8 @@ def test_apply_write_triton(case: Case, interpreter: None) -> None:
 
 @pytest.mark.parametrize("case", params(CPU_CASES))
 def test_apply_write_torch(case: Case) -> None:
-    _stream(case, "torch", RATIO[case.dtype])
+    needs_device()
+    _stream(case, "torch", TORCH_RATIO[case.dtype], device=DEVICE)
 
 
 def test_apply_write_triton_split_f(interpreter: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from adapt_runtime.kernels import write
 from adapt_runtime.kernels.naive import write_naive
-from kernel_testing import GPU_RATIO, RATIO, Case, assert_close, params, state
+from kernel_testing import DEVICE, GPU_RATIO, RATIO, TORCH_RATIO, Case, assert_close, needs_device, params, state
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -54,7 +54,8 @@ def test_write_triton(case: Case, interpreter: None) -> None:
 
 @pytest.mark.parametrize("case", params(CPU_CASES))
 def test_write_torch(case: Case) -> None:
-    _stream(case, "torch", RATIO[case.dtype])
+    needs_device()
+    _stream(case, "torch", TORCH_RATIO[case.dtype], device=DEVICE)
 
 
 def test_write_triton_bf16_state(interpreter: None) -> None:

@@ -17,6 +17,7 @@ import openai
 KEY_A, KEY_B = "key-alpha-0123456789", "key-bravo-0123456789"
 MODEL = "llama"
 STARTUP_TIMEOUT = 180.0
+TEST_DEVICE = os.environ.get("ADAPT_TEST_DEVICE") or None  # e.g. cuda: every test server gets --device
 
 
 def free_port() -> int:
@@ -49,6 +50,8 @@ class Server:
         cmd = [*_command(), "--port", str(self.port), "--log-level", "warning", *self.args]
         for key in self.keys:
             cmd += ["--api-key", key]
+        if TEST_DEVICE and "--device" not in self.args:  # ADAPT_TEST_DEVICE=cuda serves on the GPU
+            cmd += ["--device", TEST_DEVICE]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
