@@ -35,8 +35,9 @@ def write_bound(w: Write) -> Tensor:
     """
     a = w.beta.double().abs() * torch.linalg.vector_norm(w.V.double(), dim=-1)
     b = torch.linalg.vector_norm(w.X.double(), dim=-1)
-    parts = torch.stack([a.max(), b.max(), (a * b).sum()]) if a.numel() else torch.zeros(3, dtype=torch.float64)
-    return torch.where(torch.isnan(parts).any(), torch.tensor(float("nan"), dtype=torch.float64), parts.max())
+    if not a.numel():
+        return torch.zeros((), dtype=torch.float64, device=a.device)
+    return torch.stack([a.max(), b.max(), (a * b).sum()]).max()  # max propagates NaN
 
 
 def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float | None,
