@@ -23,4 +23,4 @@ USER adapt
 EXPOSE 8000
 # Listen on all interfaces inside the container; publish the port deliberately, and set --api-key for any
 # network beyond the host.
-CMD ["adapt-serve", "--model", "llama", "--rule", "hebbian", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["adapt-serve", "--model", "llama", "--rule", "hebbian", "--device", "cuda", "--host", "0.0.0.0", "--port", "8000"]

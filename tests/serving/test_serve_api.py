@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from serve_testing import KEY_A, MODEL, Server
+from serve_testing import KEY_A, MODEL, TEST_DEVICE, Server
 
 import adapt_runtime as ar
 
@@ -98,7 +98,7 @@ def test_echo_logprobs_cover_prompt_and_answer_with_exact_top1(server: Server, p
 
 @functools.cache
 def _runtime() -> Any:
-    model, _ = ar.load_model(MODEL)
+    model, _ = ar.load_model(MODEL, device=TEST_DEVICE)
     return ar.patch(model, rule="hebbian")
 
 
@@ -108,7 +108,7 @@ def _prompt_logprobs(ids: list[int]) -> tuple[list[float], list[float]]:
     rt = _runtime()
     with torch.no_grad():
         lp = torch.log_softmax(rt.forward(ids, rt.new_state())[0, :-1].float(), dim=-1)
-    chosen = lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    chosen = lp.gather(1, torch.tensor(ids[1:], device=lp.device)[:, None])[:, 0]
     return chosen.tolist(), lp.max(dim=-1).values.tolist()
 
 

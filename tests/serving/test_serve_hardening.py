@@ -17,6 +17,7 @@ from adapt_runtime.serving.detokenize import Detokenizer
 from adapt_runtime.serving.events import Done, Event, Failed, Token
 from adapt_runtime.serving.sampling import SamplingParams, draw, penalised
 from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
+from serve_testing import TEST_DEVICE
 
 import adapt_runtime as ar
 
@@ -26,7 +27,7 @@ WAIT_S = 60.0
 
 @pytest.fixture(scope="module")
 def loaded() -> tuple[Any, Any]:
-    model, tokenizer = ar.load_model("llama")
+    model, tokenizer = ar.load_model("llama", device=TEST_DEVICE)  # ADAPT_TEST_DEVICE=cuda: on the GPU
     return ar.patch(model, rule="hebbian"), tokenizer
 
 
@@ -100,12 +101,18 @@ def test_tiny_temperature_is_greedy_and_tiny_top_p_keeps_the_best_token() -> Non
     assert torch.equal(draw(logits, 0.7, 1e-300, 5, torch.Generator().manual_seed(1)), best)
 
 
-def test_penalties_keep_the_logits_device_and_dtype() -> None:
-    logits = torch.zeros(8, dtype=torch.float64)
-    params = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25)
+def test_penalties_and_seeded_draws_stay_on_the_logits_device() -> None:
+    device = torch.device(TEST_DEVICE or "cpu")
+    logits = torch.zeros(8, dtype=torch.float64, device=device)
+    params = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25, seed=3)
     out = penalised(logits, [2, 2, 5], params)
     assert out.device == logits.device and out.dtype == logits.dtype
     assert out[2].item() == pytest.approx(-1.0) and out[5].item() == pytest.approx(-0.75) and out[0].item() == 0.0
+    generator = params.generator(device)
+    assert generator is not None and generator.device.type == device.type
+    first = draw(logits.float()[None], 1.0, 1.0, 0, generator)
+    assert first.device.type == device.type
+    assert torch.equal(first, draw(logits.float()[None], 1.0, 1.0, 0, params.generator(device)))
 
 
 def test_a_row_that_breaks_sampling_fails_alone(loaded: tuple[Any, Any]) -> None:

@@ -15,13 +15,14 @@ from adapt_runtime.serving.app import build_app
 from adapt_runtime.serving.config import ServerConfig
 from adapt_runtime.serving.context import OFF_LOOP_CHARS, ServerContext
 from adapt_runtime.serving.server import create_context
+from serve_testing import TEST_DEVICE
 
 LARGE = "Once upon a time there was a dog. " * (OFF_LOOP_CHARS // 20)
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[Any, ServerContext]]:
-    ctx = create_context(ServerConfig(rule="hebbian"))
+    ctx = create_context(ServerConfig(rule="hebbian", device=TEST_DEVICE))  # ADAPT_TEST_DEVICE=cuda: on the GPU
     try:
         yield build_app(ctx), ctx
     finally:
