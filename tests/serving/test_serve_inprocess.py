@@ -1,12 +1,14 @@
 """The app in-process (ASGI, no socket): large prompts are tokenised off the event loop, and ``/health`` reports
-the model thread (503 once it is gone)."""
+the model thread (503 once it is gone); the GPU image runs the model on the GPU."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -80,3 +82,10 @@ def test_health_is_503_once_the_model_thread_is_gone(served: tuple[Any, ServerCo
     (gone,) = _calls(app, [("GET", "/health", None)])
     assert gone.status_code == 503
     assert gone.json()["error"]["code"] == "model_unavailable"
+
+
+def test_the_gpu_image_serves_on_the_gpu() -> None:
+    dockerfile = Path(__file__).resolve().parents[2] / "Dockerfile"
+    (cmd,) = [line for line in dockerfile.read_text().splitlines() if line.startswith("CMD ")]
+    args = json.loads(cmd.removeprefix("CMD "))
+    assert args[args.index("--device") + 1] == "cuda"
