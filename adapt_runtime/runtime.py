@@ -7,6 +7,7 @@ feeding a stream in one call, in pieces or token by token gives the same logits 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -22,6 +23,12 @@ from adapt_runtime.rules import Rule, Segment
 from adapt_runtime.rules.gradient import ChunkGraph, autograd_on, normal
 from adapt_runtime.state import FastWeights, StateSpec
 from adapt_runtime.writes import apply_writes
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated, to be removed in 5.40), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class Runtime:
@@ -46,6 +53,7 @@ class Runtime:
                               or 1 << 30)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._final_inv_rms: Tensor | None = None
+        self._cache_arg = cache_argument(model)
         self._last_batch = None  # the previous multi-row call's cache, reused by a decode step of the same rows
         if rule.reads_final_norm:
             norm = get_path(model, spec.final_norm)
@@ -171,8 +179,8 @@ class Runtime:
         bindings = self._bind(states, capture, grad)
         try:
             with torch.set_grad_enabled(grad):
-                out = self.model(input_ids=ids, past_key_values=batched.cache, attention_mask=batched.attention_mask,
-                                 position_ids=batched.position_ids, use_cache=True)
+                out = self.model(input_ids=ids, attention_mask=batched.attention_mask, use_cache=True,
+                                 position_ids=batched.position_ids, **{self._cache_arg: batched.cache})
         finally:
             for wrapper in self.plastic.values():
                 wrapper.binding = None
