@@ -45,13 +45,15 @@ class ClusterSessionStore:
     persistent = True
 
     def __init__(self, states: StateStore, new_state: Callable[[], Any], load_state: Callable[[bytes], Any],
-                 budget: int, max_sessions: int, on_event: Callable[[str], None] | None = None) -> None:
+                 budget: int, max_sessions: int, on_event: Callable[[str], None] | None = None,
+                 max_per_owner: int | None = None) -> None:
         self.states = states
         self.leases = states.leases
         self._new_state = new_state
         self._load_state = load_state
         self.budget = budget
         self.max_sessions = max_sessions
+        self.max_per_owner = max_per_owner or max_sessions
         self._on_event = on_event or (lambda _: None)
         self._cache: OrderedDict[str, tuple[int, Any]] = OrderedDict()
 
@@ -104,6 +106,9 @@ class ClusterSessionStore:
         if self._guard(self.states.count) >= self.max_sessions:
             raise retry_later(429, f"the cluster holds its maximum of {self.max_sessions} sessions; delete some",
                               "session_limit_reached", 5)
+        if len(self._guard(self.states.ids, owner)) >= self.max_per_owner:  # checked, not reserved: approximate
+            raise retry_later(429, f"this API key holds its quota of {self.max_per_owner} sessions; delete some",
+                              "session_quota_reached", 5)
         if self._guard(self.states.create_record, owner, key, sid, dict(metadata or {})):
             self._on_event("created")
         session = self.get(owner, sid)

@@ -39,7 +39,8 @@ class SessionEngine:
 
         def make_store(runtime: Any, on_event: Any) -> ClusterSessionStore:
             return ClusterSessionStore(self.states, runtime.new_state, lambda data: decode_state(data, runtime),
-                                       server.session_memory_budget, server.max_sessions, on_event)
+                                       server.session_memory_budget, server.max_sessions, on_event,
+                                       max_per_owner=server.session_quota)
 
         self.ctx = create_context(server, make_store=make_store)
         self.app = build_app(self.ctx)

@@ -28,10 +28,11 @@ class Blob:
 
 
 def make_store(url: str, folder, holder: str, events: list[str], budget: int = 2**20,
-               ttl_ms: int = 5000) -> ClusterSessionStore:
+               ttl_ms: int = 5000, quota: int | None = None) -> ClusterSessionStore:
     client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=0.5)
     states = StateStore(LeaseStore(client, holder, LeaseConfig(ttl_ms=ttl_ms)), BlobStore(str(folder)))
-    return ClusterSessionStore(states, Blob, Blob, budget, max_sessions=100, on_event=events.append)
+    return ClusterSessionStore(states, Blob, Blob, budget, max_sessions=100, on_event=events.append,
+                               max_per_owner=quota)
 
 
 @pytest.fixture()
@@ -130,3 +131,19 @@ def test_the_cache_stays_within_its_budget(redis_server, tmp_path):
     assert store.resident_bytes() == 200
     assert store.counts() == (2, 2)
     assert events.count("evicted") == 2
+
+
+def test_a_key_beyond_its_quota_is_429(redis_server, tmp_path):
+    redis.Redis.from_url(redis_server.url).flushdb()
+    store = make_store(redis_server.url, tmp_path, "r", [], quota=2)
+
+    async def run() -> APIError:
+        await store.create("o", sid="s1")
+        await store.create("o", sid="s2")
+        await store.create("other", sid="s1")
+        with pytest.raises(APIError) as full:
+            await store.create("o", sid="s3")
+        return full.value
+
+    err = asyncio.run(run())
+    assert (err.status, err.code) == (429, "session_quota_reached")
