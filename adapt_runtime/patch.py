@@ -36,7 +36,7 @@ def _defaults(rule: Rule, chunk_size, layers, lr, decay, clip, norm_bound=None) 
         "lr": float(lr if lr is not None else rule.default_lr),
         "decay": float(decay if decay is not None else rule.default_decay),
         "clip": clip if clip is not None else rule.default_clip,
-        "norm_bound": norm_bound if norm_bound is not None else rule.default_norm_bound,
+        "norm_bound": (norm_bound or None) if norm_bound is not None else rule.default_norm_bound,  # 0: no bound
     }
 
 
@@ -50,7 +50,7 @@ def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None
         model: a HF causal LM of a supported architecture (see ``adapt_runtime.architectures``).
         rule: ``hebbian``, ``gradient``, ``inplace-ttt``, ``none``, or a ``Rule`` object.
         chunk_size, layers, lr, decay, clip, norm_bound: see ``RuntimeConfig``; None takes the rule's measured
-            default.
+            default (``norm_bound=0`` turns the bound off).
         state_dtype: dtype of the fast weights (``float32`` default).
         **rule_options: options of the named rule, e.g. ``target="error"`` for ``hebbian``.
 

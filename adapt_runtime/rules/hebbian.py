@@ -33,6 +33,10 @@ class HebbianRule(Rule):
     name = "hebbian"
     default_lr = 4.0
     default_chunk_size = 32
+    # long streams (benchmarks/long_memory_sweep.py): with all layers and no bound, ||S|| grows past ||W0|| and
+    # after 20k tokens unseen text scores +150% vs fresh; the top 3 layers held at 0.05 ||W0|| stay below fresh
+    default_layers = "last:3"
+    default_norm_bound = 0.05
 
     def __init__(self, target: str = "error", modulation: str = "none", topk: int = 32,
                  norm_jacobian: bool = True) -> None:

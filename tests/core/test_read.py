@@ -114,4 +114,5 @@ def test_norm_bound_holds_every_layer_over_a_long_read() -> None:
     ratios = [state.delta_norms()[i] / float(torch.linalg.vector_norm(rt.plastic[i].weight0)) for i in state.S]
     assert max(ratios) <= 0.01 * (1 + 1e-5) and max(ratios) == pytest.approx(0.01, rel=1e-4)
     with pytest.raises(ValueError, match="norm_bound"):
-        patched("hebbian", norm_bound=0.0)
+        patched("hebbian", norm_bound=-1.0)
+    assert patched("hebbian", norm_bound=0).config.norm_bound is None  # 0 turns the rule's default bound off

@@ -209,7 +209,8 @@ def test_adapt_false_mid_chunk_keeps_hebbian_targets_with_their_keys():
     beta = lr / (len(kept) * mean_sq)
     expected = {i: beta * v[kept].T @ keys[i][kept] for i in keys}
 
-    rt = ar.patch(model, rule="hebbian", chunk_size=C, lr=lr, topk=0, norm_jacobian=False)
+    rt = ar.patch(model, rule="hebbian", chunk_size=C, lr=lr, topk=0, norm_jacobian=False, layers="all",
+                  norm_bound=0)  # the reference's setup: every layer, no S bound
     state = rt.new_state()
     rt.forward(ids[:3], state)
     rt.forward(ids[3:5], state, adapt=False)

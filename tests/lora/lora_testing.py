@@ -45,7 +45,7 @@ def token_ids(arch: str, text: str, n: int | None = None) -> list[int]:
     return ids[:n] if n else ids
 
 
-def session(arch: str, rule: str = "hebbian", layers: str | None = None, **options):
+def session(arch: str, rule: str = "hebbian", layers: str | None = "all", **options):
     """``(rt, base, state)``: the patched runtime, an unpatched copy of the same model, a state that read TEXT."""
     model = tiny_model(arch)
     base = copy.deepcopy(model)

@@ -137,7 +137,7 @@ def test_an_adapter_of_another_model_with_the_same_shapes_is_refused(exported) -
     with torch.no_grad():
         model.model.layers[3].mlp.down_proj.weight.mul_(1.01)  # a fine-tuned sibling: same name and shapes
     with pytest.raises(LoraIncompatibleError, match="fingerprint"):
-        ar.import_lora(ar.patch(model, rule="hebbian"), good)
+        ar.import_lora(ar.patch(model, rule="hebbian", layers="all"), good)
 
 
 def test_a_subset_of_the_plastic_layers_is_accepted(exported, tmp_path) -> None:
