@@ -7,6 +7,7 @@ prefix sees exactly the keys it saw the first time (a cache trimmed to the windo
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from adapt_runtime.state import FastWeights
+
+# transformers < 5 initialises a layer from its keys alone
+_LAZY_INIT_TAKES_VALUES = len(inspect.signature(DynamicLayer.lazy_initialization).parameters) > 2
 
 
 @dataclass
@@ -82,7 +86,7 @@ def _check_rows(states: list[FastWeights], lengths: list[int]) -> None:
 def _load_layer(cache: DynamicCache, keys: Tensor, values: Tensor) -> None:
     """Append a layer holding ``keys``/``values`` as they are (``update`` would copy them once more)."""
     layer = DynamicLayer()
-    layer.lazy_initialization(keys, values)
+    layer.lazy_initialization(*((keys, values) if _LAZY_INIT_TAKES_VALUES else (keys,)))
     layer.keys, layer.values = keys, values
     cache.layers.append(layer)
 

@@ -63,6 +63,7 @@ def load_model(name: str = "llama", dtype: str | torch.dtype | None = None, devi
     Example:
         >>> model, tokenizer = load_model("llama")
     """
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = resolve_model_name(name)
@@ -84,7 +85,7 @@ def load_model(name: str = "llama", dtype: str | torch.dtype | None = None, devi
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except (OSError, HFValidationError) as err:  # older hubs reject a missing path as a malformed repo id
         hint = "it is not cached and the hub cannot be reached" if offline or not local.exists() else str(err)
         aliases = ", ".join(sorted(ALIASES))
         raise ModelNotFoundError(
