@@ -110,7 +110,7 @@ def test_the_control_has_each_layers_norm_in_a_random_direction(bundled) -> None
         assert float(torch.linalg.vector_norm(R)) == pytest.approx(float(torch.linalg.vector_norm(S)), rel=1e-5)
         cosine = float((R * S).sum() / (torch.linalg.vector_norm(R) * torch.linalg.vector_norm(S)))
         assert abs(cosine) < 0.05
-    torch.testing.assert_close(random_control(state, seed=7).S[0], control.S[0])  # seeded
+    torch.testing.assert_close(random_control(state, seed=7).S[layer], control.S[layer])  # seeded
 
 
 def test_a_small_run_through_the_cli_writes_metrics_curves_and_plots(tmp_path) -> None:
