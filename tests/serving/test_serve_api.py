@@ -161,13 +161,16 @@ def test_presence_penalty_reduces_repeats(server: Server) -> None:
     kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0, logprobs=0,
                   extra_body={"ignore_eos": True})
     plain = client.completions.create(**kwargs).choices[0].logprobs.tokens
-    penalised = client.completions.create(**kwargs, presence_penalty=2.0).choices[0].logprobs.tokens
+    presence = client.completions.create(**kwargs, presence_penalty=2.0).choices[0].logprobs.tokens
+    both = client.completions.create(**kwargs, presence_penalty=2.0,
+                                     frequency_penalty=2.0).choices[0].logprobs.tokens
 
     def repeats(tokens: list[str]) -> int:
         return sum(c - 1 for c in Counter(tokens).values())
 
     assert repeats(plain) > 0, "the probe needs a greedy text with repeated tokens"
-    assert repeats(penalised) < repeats(plain)
+    assert presence != plain and repeats(presence) <= repeats(plain)
+    assert repeats(both) < repeats(plain)
 
 
 def test_stateless_requests_keep_nothing(server: Server) -> None:
