@@ -47,13 +47,10 @@ def assemble(states: list[FastWeights], steps: int, device: torch.device,
     lengths = [s.kv_len for s in states]
     width = max(lengths)
     cache = DynamicCache()  # full layers only (see the module docstring)
-    reuse = bool(width) and previous is not None and previous.continues(states, width)
-    if not reuse:
-        _check_rows(states, lengths)
-    if reuse:
+    if width and previous is not None and previous.continues(states, width):
         for layer in previous.cache.layers:
             _load_layer(cache, layer.keys, layer.values)
-    elif width and len(states) == 1:
+    elif width and _check_rows(states, lengths) and len(states) == 1:
         for k, v in states[0].kv:
             _load_layer(cache, k, v)
     elif width:
@@ -76,11 +73,13 @@ def assemble(states: list[FastWeights], steps: int, device: torch.device,
     return BatchedCache(cache, mask, position_ids, lengths, width)
 
 
-def _check_rows(states: list[FastWeights], lengths: list[int]) -> None:
+def _check_rows(states: list[FastWeights], lengths: list[int]) -> bool:
+    """True when every layer of every row holds the row's ``kv_len`` positions; a clear error otherwise."""
     for s, n in zip(states, lengths):
         if n and any(int(k.shape[-2]) != n or int(v.shape[-2]) != n for k, v in s.kv):
             raise ValueError(f"a row's KV layers do not all hold its {n} cached positions (a cache trimmed to a "
                              "sliding window?); call state.drop_kv() to continue with the fast weights alone")
+    return True
 
 
 def _load_layer(cache: DynamicCache, keys: Tensor, values: Tensor) -> None:

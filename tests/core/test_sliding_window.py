@@ -68,3 +68,18 @@ def test_gradient_token_by_token_equals_one_call_past_the_window(arch):
     assert_close(out, ref, "logits")
     for layer in whole.spec.layers:
         assert_close(state.S[layer], whole.S[layer], "state")
+
+
+def test_a_cache_trimmed_to_the_window_is_a_clear_error():
+    """Every layer keeps the whole KV; a state whose sliding layers were trimmed (an old cache) cannot be
+    continued in context, and says how to continue without it."""
+    rt = ar.patch(windowed("gemma2"), rule="hebbian", chunk_size=4, lr=2.0)
+    state = rt.new_state()
+    rt.forward(tokens(2 * WINDOW), state)
+    assert all(k.shape[-2] == 2 * WINDOW for k, _ in state.kv)
+    state.kv[0] = tuple(t[:, :, -WINDOW:] for t in state.kv[0])
+    with pytest.raises(ValueError, match="drop_kv"):
+        rt.forward(tokens(1, seed=1), state)
+    state.drop_kv()
+    rt.forward(tokens(1, seed=1), state)
+    assert state.kv_len == 1
