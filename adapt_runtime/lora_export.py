@@ -25,6 +25,7 @@ from adapt_runtime.lora_format import (
     METADATA_KEY,
     WEIGHTS_NAME,
     base_model_name,
+    layer_fingerprints,
     module_name,
     weight_key,
 )
@@ -125,7 +126,7 @@ def lora_files(rt: Runtime, state: FastWeights, rank: int | None = None) -> Lora
         "alpha_pattern": {},
     }
     meta = {
-        "fingerprint": spec.fingerprint,
+        "w0_sha256": {str(k): v for k, v in layer_fingerprints(rt).items()},
         "rule": spec.rule,
         "layers": list(spec.layers),
         "requested_rank": rank,

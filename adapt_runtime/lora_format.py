@@ -9,6 +9,7 @@ transposed, not its LoRA factors, so its adapters use the same orientation (with
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 from adapt_runtime.errors import AdaptRuntimeError
 
@@ -19,7 +20,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 FACTORS = ("lora_A.weight", "lora_B.weight")
-METADATA_KEY = "adapt_runtime"  # safetensors header metadata: fingerprint, ranks, per-layer errors (JSON)
+METADATA_KEY = "adapt_runtime"  # safetensors header metadata: W0 hashes, ranks, per-layer errors (JSON)
+_W0_HASHES: WeakKeyDictionary = WeakKeyDictionary()
 
 
 class LoraAdapterError(AdaptRuntimeError, ValueError):
@@ -65,3 +67,15 @@ def same_base_name(a: str | None, b: str | None) -> bool:
     tail_a = a.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
     tail_b = b.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
     return tail_a == tail_b or (bool(tail_a) and tail_a in b.lower()) or (bool(tail_b) and tail_b in a.lower())
+
+
+def layer_fingerprints(rt: Runtime) -> dict[int, str]:
+    """Per plastic layer, the sha256 of its W0 (the state fingerprint's hash, one layer at a time), so that an
+    adapter made on some layers of a model is recognised by a runtime that patches other layers of it."""
+    cached = _W0_HASHES.get(rt)
+    if cached is None:
+        from adapt_runtime.patch import fingerprint
+
+        cached = {layer: fingerprint([rt.plastic[layer].weight0]) for layer in rt.config.layers}
+        _W0_HASHES[rt] = cached
+    return cached

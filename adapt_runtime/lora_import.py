@@ -27,6 +27,7 @@ from adapt_runtime.lora_format import (
     LoraFormatError,
     LoraIncompatibleError,
     base_model_name,
+    layer_fingerprints,
     plastic_modules,
     same_base_name,
 )
@@ -146,22 +147,23 @@ def _check_targets(rt: Runtime, config: dict[str, Any]) -> set[str]:
     return matched
 
 
-def _load_weights(rt: Runtime, data: bytes) -> dict[str, Tensor]:
+def _load_weights(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the W0 hash per layer that an export by this runtime records (empty for other adapters)."""
     try:
         tensors = st_load(data)
         header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     except Exception as err:  # safetensors raises several types for damaged bytes
         raise LoraFormatError(f"{WEIGHTS_NAME} is corrupt or not a safetensors file: {err}") from None
     meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
-    if METADATA_KEY in meta:
-        try:
-            fingerprint = json.loads(meta[METADATA_KEY]).get("fingerprint")
-        except (ValueError, AttributeError):
-            raise LoraFormatError(f"{WEIGHTS_NAME}: the {METADATA_KEY} metadata is not a JSON object") from None
-        if fingerprint and fingerprint != rt.state_spec.fingerprint:
-            raise LoraIncompatibleError("the adapter was exported from another base model (the fingerprint of the "
-                                        "plastic layers' weights differs)")
-    return tensors
+    if METADATA_KEY not in meta:
+        return tensors, {}
+    try:
+        hashes = json.loads(meta[METADATA_KEY]).get("w0_sha256") or {}
+    except (ValueError, AttributeError):
+        raise LoraFormatError(f"{WEIGHTS_NAME}: the {METADATA_KEY} metadata is not a JSON object") from None
+    if not isinstance(hashes, dict):
+        raise LoraFormatError(f"{WEIGHTS_NAME}: w0_sha256 in the {METADATA_KEY} metadata is not an object")
+    return tensors, {str(k): str(v) for k, v in hashes.items()}
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -185,7 +187,7 @@ def lora_from_files(rt: Runtime, config_bytes: bytes, weights_bytes: bytes) -> F
         raise LoraIncompatibleError(f"the adapter is for base model {base!r}; this runtime's base model is "
                                     f"{served!r}")
     matched = _check_targets(rt, config)
-    tensors = _load_weights(rt, weights_bytes)
+    tensors, hashes = _load_weights(weights_bytes)
     plastic = plastic_modules(rt)
     factors: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -203,6 +205,9 @@ def lora_from_files(rt: Runtime, config_bytes: bytes, weights_bytes: bytes) -> F
     for module, pair in factors.items():
         layer = plastic[module]
         d, f = spec.shapes[spec.layers.index(layer)]
+        if hashes.get(str(layer), layer_fingerprints(rt)[layer]) != layer_fingerprints(rt)[layer]:
+            raise LoraIncompatibleError(f"the adapter was exported from another base model (the weights of {module} "
+                                        "differ from this model's)")
         if set(pair) != set(FACTORS):
             raise LoraFormatError(f"module {module!r} has {sorted(pair)} but needs both lora_A and lora_B weights")
         A, B = pair["lora_A.weight"], pair["lora_B.weight"]

@@ -78,8 +78,8 @@ INCOMPATIBLE = {
     "weights-for-q-proj": dict(weights=_add(f"{PREFIX}.0.self_attn.q_proj.lora_A.weight", (4, 64))),
     "dora-magnitude": dict(weights=_add(f"{PREFIX}.0.mlp.down_proj.lora_magnitude_vector", (64,))),
     "input-width-of-another-model": dict(weights=_wider),
-    "another-fingerprint": dict(weights=lambda t: None,
-                                metadata={"format": "pt", "adapt_runtime": json.dumps({"fingerprint": "0" * 64})}),
+    "another-w0-hash": dict(weights=lambda t: None,
+                            metadata={"format": "pt", "adapt_runtime": json.dumps({"w0_sha256": {"2": "0" * 64}})}),
 }
 
 MALFORMED = {
@@ -136,8 +136,20 @@ def test_an_adapter_of_another_model_with_the_same_shapes_is_refused(exported) -
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[3].mlp.down_proj.weight.mul_(1.01)  # a fine-tuned sibling: same name and shapes
-    with pytest.raises(LoraIncompatibleError, match="fingerprint"):
+    with pytest.raises(LoraIncompatibleError, match="model.layers.3.mlp.down_proj differ"):
         ar.import_lora(ar.patch(model, rule="hebbian", layers="all"), good)
+
+
+def test_an_adapter_on_some_layers_seeds_a_runtime_that_patches_more(exported, tmp_path) -> None:
+    rt, _, _ = exported
+    top = ar.patch(tiny_model("llama"), rule="hebbian", layers="last:2")
+    state = top.new_state()
+    top.forward([1, *range(40, 140)], state)
+    ar.export_lora(top, state, tmp_path)
+    back = ar.import_lora(rt, tmp_path)
+    assert [layer for layer, s in back.S.items() if s is not None] == [3, 4]
+    for layer in (3, 4):
+        torch.testing.assert_close(back.S[layer], state.S[layer], atol=1e-6, rtol=1e-5)
 
 
 def test_a_subset_of_the_plastic_layers_is_accepted(exported, tmp_path) -> None:
