@@ -1,6 +1,7 @@
 """How much of a session's memory a rank-r LoRA adapter keeps (bundled model, a session that read a document).
 
     python benchmarks/lora_rank.py                 # 2000 TinyStories tokens, hebbian defaults, ranks 1..32 and full
+    python benchmarks/lora_rank.py --layers all --norm-bound 0     # every layer, no bound on ||S||
     python benchmarks/lora_rank.py --rule gradient --tokens 4000
 
 A fresh session reads the first --tokens tokens of the TinyStories validation text with ``rt.forward`` (windows of
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--rule", default="hebbian")
     parser.add_argument("--ranks", default="1,2,4,8,16,32")
+    parser.add_argument("--layers", default=None, help="plastic layers (default: the rule's)")
+    parser.add_argument("--norm-bound", type=float, default=None, help="||S|| bound (default: the rule's; 0: none)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,7 +59,7 @@ def main() -> None:
     ids = tokenizer(TEXT.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     doc, held_out = [tokenizer.bos_token_id, *ids[: args.tokens]], [tokenizer.bos_token_id, *ids[args.tokens :]]
     held_out = held_out[:WINDOW]
-    rt = ar.patch(model, rule=args.rule)
+    rt = ar.patch(model, rule=args.rule, layers=args.layers, norm_bound=args.norm_bound)
     state = rt.new_state()
     read(rt, state, doc)
     reference = logits_with(rt, state, held_out)
@@ -67,8 +70,8 @@ def main() -> None:
         PeftModel = None
     layers = list(rt.config.layers)
     static_nll = nll(static, held_out)
-    print(f"{args.rule}, {len(doc)} tokens read, {state.writes} writes; held-out NLL: static "
-          f"{nll(static, held_out):.4f}, session {nll(reference, held_out):.4f}; "
+    print(f"{rt}, norm_bound {rt.config.norm_bound}: {len(doc)} tokens read, {state.writes} writes; "
+          f"held-out NLL: static {nll(static, held_out):.4f}, session {nll(reference, held_out):.4f}; "
           f"static vs session max |logit diff| {float((static - reference).abs().max()):.3f}\n")
     header = ("| rank | " + " | ".join(f"layer {i} rel. error" for i in layers)
               + " | max abs logit diff | NLL | NLL gain kept |")

@@ -86,7 +86,7 @@ def main() -> int:
         model_dir = work / "model"
         make_model(model_dir)
         model, tokenizer = ar.load_model(str(model_dir))
-        rt = ar.patch(model, rule="hebbian", chunk_size=32)
+        rt = ar.patch(model, rule="hebbian", chunk_size=32, layers="all", norm_bound=0)  # pinned: every layer, no bound
         session = rt.new_state()
         text_ids = tokenizer(TEXT).input_ids[:65]  # two chunks written (rank <= 64), the third one begun
         rt.forward(text_ids, session)
