@@ -22,7 +22,7 @@ SESSION_ID = re.compile(r"^sess_[A-Za-z0-9_-]{16,64}$")
 @pytest.fixture(scope="module")
 def server(launch, tmp_path_factory) -> Server:
     folder = tmp_path_factory.mktemp("sessions")
-    return launch("--rule", "hebbian", "--rule-config", '{"lr": 5.0}', "--session-dir", str(folder),
+    return launch("--rule", "hebbian", "--rule-config", '{"lr": 5.0, "layers": "all"}', "--session-dir", str(folder),
                   "--session-memory-budget", "2M")
 
 
