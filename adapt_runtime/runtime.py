@@ -8,7 +8,8 @@ feeding a stream in one call, in pieces or token by token gives the same logits 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,9 @@ from adapt_runtime.rules import Rule, Segment
 from adapt_runtime.rules.gradient import ChunkGraph, autograd_on, normal
 from adapt_runtime.state import FastWeights, StateSpec
 from adapt_runtime.writes import apply_writes
+
+if TYPE_CHECKING:
+    from adapt_runtime.read import ReadResult
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -272,7 +276,7 @@ class Runtime:
                               {i: r.records["probe"] for i, r in bindings.items()}, rows)
 
     def read(self, input_ids: Tensor | Sequence[int], state: FastWeights, window: int | None = None,
-             progress: bool = False, on_window=None):
+             progress: bool = False, on_window: Callable[[int, int, float], None] | None = None) -> ReadResult:
         """Read a document of any length into ``state``, window by window (see ``adapt_runtime.read``)."""
         from adapt_runtime.read import read
 
