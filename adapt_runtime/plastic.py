@@ -22,13 +22,16 @@ class Binding:
 
     Attributes:
         merged: `[d, f]` ``W0 + S`` for a single row (one matmul per token), or None.
-        per_row: `[B, d, f]` one S per row (rows without a write hold zeros), or None.
+        per_row: `[B, d, f]` one S per row (rows without a write hold zeros), or `[N, d, f]` slot storage with
+            ``slots`` naming each row's slot; or None.
+        slots: `[B]` the slot of each row in ``per_row``, or None (row b reads ``per_row[b]``).
         capture: names to record: ``x`` (input `[B, T, f]`), ``y`` (output `[B, T, d]`).
         grad_probe: add a zero tensor that requires grad to the output, so that ``dL/dy`` can be taken.
     """
 
     merged: Tensor | None = None
     per_row: Tensor | None = None
+    slots: Tensor | None = None
     capture: frozenset[str] = frozenset()
     grad_probe: bool = False
     rows: int = 1  # batch rows of the call (OPT feeds its MLP flattened to [B * T, f])
@@ -68,7 +71,7 @@ class PlasticDown(nn.Module):
             if b.per_row is not None:
                 rows, steps = x.shape[0], x.shape[1]
                 flat_y = y.reshape(rows * steps, -1).clone()
-                slots = torch.arange(rows, device=x.device)
+                slots = b.slots if b.slots is not None else torch.arange(rows, device=x.device)
                 offsets = None if steps == 1 else torch.arange(rows + 1, device=x.device) * steps
                 kernels.apply(flat_y, x.reshape(rows * steps, -1), b.per_row, slots, offsets)
                 y = flat_y.view_as(y)

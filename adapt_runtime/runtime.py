@@ -22,6 +22,7 @@ from adapt_runtime.norm_bound import bound_norms
 from adapt_runtime.plastic import Binding, PlasticDown
 from adapt_runtime.rules import Rule, Segment
 from adapt_runtime.rules.gradient import ChunkGraph, autograd_on, normal
+from adapt_runtime.slots import SlotPool
 from adapt_runtime.state import FastWeights, StateSpec
 from adapt_runtime.writes import apply_writes
 
@@ -59,6 +60,8 @@ class Runtime:
         self._final_inv_rms: Tensor | None = None
         self._cache_arg = cache_argument(model)
         self._last_batch = None  # the previous multi-row call's cache, reused by a decode step of the same rows
+        # multi-row calls keep each row's S in slot storage (None: stack every row's S per call, as before)
+        self.slot_pool: SlotPool | None = SlotPool(self.state_spec)
         if rule.reads_final_norm:
             norm = get_path(model, spec.final_norm)
             self._hooks.append(norm.register_forward_pre_hook(self._read_final_norm))
@@ -180,6 +183,7 @@ class Runtime:
     def _call_model(self, ids: Tensor, states: list[FastWeights], capture: frozenset[str],
                     grad: bool) -> tuple[Tensor, dict[int, Binding]]:
         batched = assemble(states, ids.shape[1], self.device, self._last_batch)
+        self._last_batch = None  # drops the previous rows, so that a dropped session frees its slot now
         bindings = self._bind(states, capture, grad)
         try:
             with torch.set_grad_enabled(grad):
@@ -199,6 +203,10 @@ class Runtime:
         single = states[0] if len(states) == 1 else None
         if single is not None and self._merge_ok and not single.is_zero:
             self._refresh_merged(single)
+        slots = None
+        if single is None and self.slot_pool is not None and not grad:
+            layers = [i for i in self.plastic if any(s.S[i] is not None for s in states)]
+            slots = self.slot_pool.bind(states, layers) if layers else None
         for i, wrapper in self.plastic.items():
             binding = Binding(capture=capture, grad_probe=grad, rows=len(states))
             deltas = [s.S[i] for s in states]
@@ -207,6 +215,8 @@ class Runtime:
                     binding.merged = normal(self._merged[i]) if grad else self._merged[i]
                 else:
                     binding.per_row = (normal(deltas[0]) if grad else deltas[0])[None]
+            elif slots is not None and any(d is not None for d in deltas):
+                binding.per_row, binding.slots = self.slot_pool.slabs[i], slots
             elif any(d is not None for d in deltas):
                 zero = torch.zeros(wrapper.weight0.shape, dtype=self.state_spec.dtype, device=self.device)
                 binding.per_row = torch.stack([d if d is not None else zero for d in deltas])

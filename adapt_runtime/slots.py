@@ -1,0 +1,162 @@
+"""``SlotPool``: resident sessions' fast weights in per-layer slabs `[N, d, f]`, one slot per session.
+
+A multi-row call binds each row's state to a slot. While bound, the state's ``S[layer]`` *is* a view of its slab row,
+so the chunk writes (``apply_writes``, the norm bound) go in place into the slot and the apply reads S by slot index:
+a decode step over rows already resident copies no fast weights. A state's S stays a plain ``[d, f]`` tensor to
+everything else (save, clone, fork, ``delta_norms``); one that was replaced (a load, a reset, the first write of a
+layer) is copied into the slot on the next bind. A slot is freed when its state is garbage-collected or evicted
+(``evict``: the state gets a detached copy of its rows, bit for bit). A layer that a bound row has never written
+reads zeros from its slot.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from adapt_runtime.state import FastWeights, StateSpec
+
+
+class SlotPool:
+    """Per-layer slab storage for the fast weights of the states a runtime decodes together.
+
+    Args:
+        spec: the runtime's state spec (layers, ``(d, f)`` shapes, dtype, device).
+        max_slots: most slots held (None: grow as needed); past it, the least recently bound state not in the
+            call is evicted, and a call with more rows than ``max_slots`` is not bound at all.
+    """
+
+    def __init__(self, spec: StateSpec, max_slots: int | None = None) -> None:
+        if max_slots is not None and max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1 or None, got {max_slots}")
+        self.spec, self.max_slots = spec, max_slots
+        self.slabs: dict[int, Tensor] = {}
+        self._owner: list[weakref.ref | None] = []
+        self._views: list[dict[int, Tensor]] = []  # per slot: the view of each layer's row handed to the state
+        self._zero: list[set[int]] = []  # per slot: layers whose row is known to hold zeros
+        self._used: list[int] = []  # per slot: the bind counter when last bound (least recently used first out)
+        self._slot_of: weakref.WeakKeyDictionary[FastWeights, int] = weakref.WeakKeyDictionary()
+        self._clock = 0
+        self._slots_cache: tuple[tuple[int, ...], Tensor] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return len(self._owner)
+
+    def slot_of(self, state: FastWeights) -> int | None:
+        """The slot ``state`` is bound to, or None."""
+        return self._slot_of.get(state)
+
+    def bind(self, states: list[FastWeights], layers: list[int]) -> Tensor | None:
+        """Bind each row's state to a slot and make its S of ``layers`` the slot's rows; the `[B]` slot indices.
+
+        None when the rows do not fit ``max_slots`` (the caller then stacks S as without a pool).
+        """
+        if self.max_slots is not None and len(states) > self.max_slots:
+            return None
+        self._clock += 1
+        slots = [self._assign(s, states) for s in states]
+        for layer in layers:
+            slab = self._slab(layer)
+            for s, k in zip(states, slots):
+                self._load(s, k, layer, slab)
+        key = tuple(slots)
+        if self._slots_cache is None or self._slots_cache[0] != key:
+            self._slots_cache = (key, torch.tensor(slots, dtype=torch.long, device=self.spec.device))
+        return self._slots_cache[1]
+
+    def evict(self, state: FastWeights) -> None:
+        """Move ``state`` out of its slot: its S becomes a detached copy (bit for bit) and the slot is free."""
+        k = self._slot_of.pop(state, None)
+        if k is None:
+            return
+        for layer, view in self._views[k].items():
+            if state.S.get(layer) is view:
+                state.S[layer] = view.clone()
+        self._free(k)
+
+    def evict_all(self) -> None:
+        """Evict every bound state (e.g. before the pool is dropped)."""
+        for state in list(self._slot_of.keys()):
+            self.evict(state)
+
+    # ------------------------------------------------------------------ internals
+    def _assign(self, state: FastWeights, call: list[FastWeights]) -> int:
+        k = self._slot_of.get(state)
+        if k is None:
+            k = self._free_slot(call)
+            self._slot_of[state] = k
+            self._owner[k] = weakref.ref(state)
+        self._used[k] = self._clock
+        return k
+
+    def _free_slot(self, call: list[FastWeights]) -> int:
+        for k, owner in enumerate(self._owner):
+            if owner is None or owner() is None:
+                self._free(k)
+                return k
+        if self.max_slots is None or self.capacity < self.max_slots:
+            return self._grow()
+        in_call = {id(s) for s in call}
+        k = min((k for k in range(self.capacity) if id(self._owner[k]()) not in in_call), key=self._used.__getitem__)
+        self.evict(self._owner[k]())
+        return k
+
+    def _free(self, k: int) -> None:
+        self._owner[k], self._views[k], self._zero[k] = None, {}, set()
+
+    def _grow(self) -> int:
+        """Add slots (half as many again, at least one, within ``max_slots``); the new slot's index."""
+        old = self.capacity
+        new = max(old + 1, old + old // 2)
+        if self.max_slots is not None:
+            new = min(new, self.max_slots)
+        with torch.inference_mode(False):  # normal tensors: written in and outside inference mode alike
+            for layer, slab in self.slabs.items():
+                grown = slab.new_zeros(new, *slab.shape[1:])
+                grown[:old].copy_(slab)
+                self.slabs[layer] = grown
+                for k in range(old):
+                    view = self._views[k].get(layer)
+                    owner = self._owner[k]() if self._owner[k] is not None else None
+                    if view is None:
+                        continue
+                    if owner is not None and owner.S.get(layer) is view:
+                        owner.S[layer] = self._views[k][layer] = grown[k]
+                    else:
+                        del self._views[k][layer]
+        for _ in range(old, new):
+            self._owner.append(None)
+            self._views.append({})
+            self._zero.append(set())
+            self._used.append(0)
+        return old
+
+    def _slab(self, layer: int) -> Tensor:
+        slab = self.slabs.get(layer)
+        if slab is None:  # a layer's first bind; ``_grow`` keeps existing slabs at the capacity
+            d, f = self.spec.shapes[self.spec.layers.index(layer)]
+            with torch.inference_mode(False):
+                slab = torch.zeros(self.capacity, d, f, dtype=self.spec.dtype, device=self.spec.device)
+            self.slabs[layer] = slab
+            for k in range(self.capacity):
+                self._zero[k].add(layer)
+        return slab
+
+    def _load(self, s: FastWeights, k: int, layer: int, slab: Tensor) -> None:
+        current, view = s.S[layer], self._views[k].get(layer)
+        if current is not None and current is view:
+            return  # resident: its writes went in place
+        if current is None:
+            if layer not in self._zero[k]:
+                slab[k].zero_()
+                self._zero[k].add(layer)
+            self._views[k].pop(layer, None)
+            return
+        with torch.inference_mode(False):
+            slab[k].copy_(current)
+            view = slab[k]
+        s.S[layer] = self._views[k][layer] = view
+        self._zero[k].discard(layer)
