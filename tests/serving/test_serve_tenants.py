@@ -12,11 +12,13 @@ from serve_testing import KEY_A, KEY_B, Server, assert_envelope
 UNICODE_KEY = "clé-ünïcødé-密钥-0123456789"
 MAX_SESSIONS = 12
 QUOTA = 3  # the default with several keys: a quarter of --max-sessions
+OVERFLOWING_LR = 1e30  # every fast-weight write overflows and is refused (the state stays unchanged)
 
 
 @pytest.fixture(scope="module")
 def server(launch) -> Server:
-    return launch("--max-sessions", str(MAX_SESSIONS), keys=(KEY_A, KEY_B, UNICODE_KEY))
+    return launch("--max-sessions", str(MAX_SESSIONS), "--rule-config", json.dumps({"lr": OVERFLOWING_LR}),
+                  keys=(KEY_A, KEY_B, UNICODE_KEY))
 
 
 def _utf8_client(server: Server, key: str) -> httpx.Client:
@@ -60,8 +62,8 @@ def test_refused_writes_are_shown(server: Server) -> None:
         info = http.get(f"/v1/sessions/{sid}").json()
         http.delete(f"/v1/sessions/{sid}")
     adaptation = out.json()["adaptation"]
-    assert adaptation["writes"] > 0 and adaptation["refused_writes"] == 0
-    assert (info["writes"], info["refused_writes"]) == (adaptation["writes"], 0)
+    assert adaptation["writes"] == 0 and adaptation["refused_writes"] > 0
+    assert (info["writes"], info["refused_writes"]) == (0, adaptation["refused_writes"])
 
 
 @pytest.mark.parametrize("where", ["field", "field-streamed", "path"])
