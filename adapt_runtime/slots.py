@@ -57,6 +57,10 @@ class SlotPool:
         if self.max_slots is not None and len(states) > self.max_slots:
             return None
         self._clock += 1
+        new_rows = sum(1 for s in states if s not in self._slot_of)
+        missing = new_rows - sum(1 for k in range(self.capacity) if self._is_free(k))
+        if missing > 0 and (self.max_slots is None or self.capacity < self.max_slots):
+            self._grow(missing)  # once per call, not once per new row
         slots = [self._assign(s, states) for s in states]
         for layer in layers:
             slab = self._slab(layer)
@@ -93,24 +97,28 @@ class SlotPool:
         return k
 
     def _free_slot(self, call: list[FastWeights]) -> int:
-        for k, owner in enumerate(self._owner):
-            if owner is None or owner() is None:
+        for k in range(self.capacity):
+            if self._is_free(k):
                 self._free(k)
                 return k
         if self.max_slots is None or self.capacity < self.max_slots:
-            return self._grow()
+            return self._grow(1)
         in_call = {id(s) for s in call}
         k = min((k for k in range(self.capacity) if id(self._owner[k]()) not in in_call), key=self._used.__getitem__)
         self.evict(self._owner[k]())
         return k
 
+    def _is_free(self, k: int) -> bool:
+        owner = self._owner[k]
+        return owner is None or owner() is None
+
     def _free(self, k: int) -> None:
         self._owner[k], self._views[k], self._zero[k] = None, {}, set()
 
-    def _grow(self) -> int:
-        """Add slots (half as many again, at least one, within ``max_slots``); the new slot's index."""
+    def _grow(self, at_least: int) -> int:
+        """Add slots (``at_least``, or half as many again, within ``max_slots``); the first new slot's index."""
         old = self.capacity
-        new = max(old + 1, old + old // 2)
+        new = max(old + at_least, old + old // 2)
         if self.max_slots is not None:
             new = min(new, self.max_slots)
         with torch.inference_mode(False):  # normal tensors: written in and outside inference mode alike

@@ -80,6 +80,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rts = variants(args)
+    for rt in rts.values():  # warm-up: one short session each, untimed
+        run_sessions(rt, torch.randint(0, args.vocab, (2, args.chunk + 1)), 2)
     rows: dict[int, dict[str, dict[str, float]]] = {}
     for b in [int(x) for x in args.sessions.split(",")]:
         gen = torch.Generator().manual_seed(b)

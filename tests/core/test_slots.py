@@ -140,3 +140,20 @@ def test_rows_past_max_slots_fall_back_to_stacking():
     assert rt.slot_pool.capacity == 0
     rt.slot_pool = None
     assert torch.equal(got, _decode(rt, stacked, 5))
+
+
+def test_growing_the_pool_moves_bound_rows_with_their_values():
+    rt = patched("hebbian", chunk_size=4)
+    first = _prefill(rt, 2)
+    _decode(rt, first, 5)
+    values = [s.clone() for s in first]
+    more = _prefill(rt, 2)  # two more rows while the first two are bound: the pool grows to 4 slots
+    rt.forward(tokens(4, seed=7).repeat(2, 1), more)
+    # the bound rows moved into the new slabs with their values, and all four decode together without growing
+    rt.forward(tokens(1, seed=8).repeat(4, 1), first + more, adapt=False)
+    assert rt.slot_pool.capacity == 4
+    slab = rt.slot_pool.slabs[rt.config.layers[0]]
+    for s, v in zip(first, values):
+        for layer in rt.config.layers:
+            assert _shares(s.S[layer], rt.slot_pool.slabs[layer]) and torch.equal(s.S[layer], v.S[layer])
+    assert slab.shape[0] == 4
