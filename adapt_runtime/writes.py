@@ -61,8 +61,8 @@ def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float 
         if clip is not None:
             max_norm = torch.tensor([clip * w0_norm[w.layer]], device=s.spec.device)
         S = s.delta(w.layer, create=True)
-        if S.is_inference() and not torch.is_inference_mode_enabled():  # made under inference_mode, written outside
-            S = s.S[w.layer] = S.clone()
+        if S.is_inference() and not torch.is_inference_mode_enabled() and not S._is_view():
+            S = s.S[w.layer] = S.clone()  # made under inference_mode, written outside it (a slot's view stays put)
         kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], decay, max_norm)
     s.writes += 1
     s.bump()
