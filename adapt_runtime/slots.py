@@ -58,7 +58,11 @@ class SlotPool:
             return None
         self._clock += 1
         new_rows = sum(1 for s in states if s not in self._slot_of)
-        missing = new_rows - sum(1 for k in range(self.capacity) if self._is_free(k))
+        free = sum(1 for k in range(self.capacity) if self._is_free(k))
+        if free - new_rows > self.capacity // 2:  # most slots' sessions are gone: give their memory back
+            self.trim()
+            free = 0
+        missing = new_rows - free
         if missing > 0 and (self.max_slots is None or self.capacity < self.max_slots):
             self._grow(missing)  # once per call, not once per new row
         slots = [self._assign(s, states) for s in states]
@@ -80,6 +84,26 @@ class SlotPool:
             if state.S.get(layer) is view:
                 state.S[layer] = view.clone()
         self._free(k)
+
+    def trim(self) -> None:
+        """Drop the free slots: bound rows move (values unchanged) into slabs just large enough to hold them."""
+        live = [k for k in range(self.capacity) if not self._is_free(k)]
+        with torch.inference_mode(False):
+            for layer, slab in list(self.slabs.items()):
+                self.slabs[layer] = slab[live].clone() if live else slab[:0].clone()
+                for j, k in enumerate(live):
+                    owner, view = self._owner[k](), self._views[k].get(layer)
+                    if view is not None and owner.S.get(layer) is view:
+                        owner.S[layer] = self._views[k][layer] = self.slabs[layer][j]
+                    elif view is not None:
+                        del self._views[k][layer]
+        for j, k in enumerate(live):
+            self._slot_of[self._owner[k]()] = j
+        self._owner = [self._owner[k] for k in live]
+        self._views = [self._views[k] for k in live]
+        self._zero = [self._zero[k] for k in live]
+        self._used = [self._used[k] for k in live]
+        self._slots_cache = None
 
     def evict_all(self) -> None:
         """Evict every bound state (e.g. before the pool is dropped)."""

@@ -157,3 +157,19 @@ def test_growing_the_pool_moves_bound_rows_with_their_values():
         for layer in rt.config.layers:
             assert _shares(s.S[layer], rt.slot_pool.slabs[layer]) and torch.equal(s.S[layer], v.S[layer])
     assert slab.shape[0] == 4
+
+
+def test_pool_gives_back_the_slots_of_dropped_sessions():
+    rt = patched("hebbian", chunk_size=4)
+    states = _prefill(rt, 5)
+    _decode(rt, states, 5)
+    keep = states[:1] + [rt.new_state()]
+    values = keep[0].clone()
+    del states
+    gc.collect()
+    got = rt.forward(tokens(1, seed=3).repeat(2, 1), keep, adapt=False)
+    assert rt.slot_pool.capacity == 2  # 4 of 5 slots were free: trimmed to the live row, then one new slot
+    for layer in rt.config.layers:
+        assert _shares(keep[0].S[layer], rt.slot_pool.slabs[layer]) and torch.equal(keep[0].S[layer], values.S[layer])
+    rt.slot_pool = None
+    assert torch.equal(got, rt.forward(tokens(1, seed=3).repeat(2, 1), [values, rt.new_state()], adapt=False))
