@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from adapt_runtime.serving.context import ctx_of, principal_of
 from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.session_routes import replace_state
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
@@ -125,9 +126,4 @@ async def import_adapter(request: Request, session_id: str) -> dict:
     ctx = ctx_of(request)
     session = ctx.store.get(principal_of(request), session_id)
     state = await asyncio.to_thread(decode_adapter, await request.body(), ctx.engine.rt)
-    await ctx.store.acquire(session)
-    try:
-        await ctx.store.commit(session, state, turn=False)
-    finally:
-        ctx.store.release(session)
-    return session.info()
+    return await replace_state(ctx.store, session, state)

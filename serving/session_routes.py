@@ -113,9 +113,14 @@ async def import_state(request: Request, session_id: str) -> dict:
     ctx = ctx_of(request)
     session = ctx.store.get(principal_of(request), session_id)
     state = await asyncio.to_thread(decode_state, await request.body(), ctx.engine.rt)  # checks every tensor
-    await ctx.store.acquire(session)
+    return await replace_state(ctx.store, session, state)
+
+
+async def replace_state(store, session, state) -> dict:
+    """Make ``state`` the session's, as one committed non-turn change (durable before it answers)."""
+    await store.acquire(session)
     try:
-        await ctx.store.commit(session, state, turn=False)
+        await store.commit(session, state, turn=False)
     finally:
-        ctx.store.release(session)
+        store.release(session)
     return session.info()

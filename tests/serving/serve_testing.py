@@ -98,6 +98,22 @@ class Server:
         assert response.status_code == 201, response.text
         return response.json()["id"]
 
+    def session_info(self, sid: str, key: str = KEY_A) -> dict:
+        with self.http(key) as http:
+            response = http.get(f"/v1/sessions/{sid}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_idle(self, sid: str, timeout: float = 30.0) -> dict:
+        """The session's info once no turn holds it (a client that left must not keep it busy)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = self.session_info(sid)
+            if not current["busy"]:
+                return current
+            time.sleep(0.05)
+        raise AssertionError("session stayed busy after the client went away")
+
 
 def assert_envelope(response: httpx.Response, status: int, code: str | None = None) -> dict:
     """The response is the OpenAI error envelope with ``status`` (and ``code``, if given)."""

@@ -4,7 +4,6 @@ a session's fast weights, with progress, limits, one turn at a time and rollback
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -33,14 +32,6 @@ def info(server: Server, sid: str) -> dict:
     return response.json()
 
 
-def wait_idle(server: Server, sid: str) -> dict:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        current = info(server, sid)
-        if not current["busy"]:
-            return current
-        time.sleep(0.05)
-    raise AssertionError("session stayed busy after the client went away")
 
 
 def test_a_document_of_forty_windows_is_read_in_one_request(server: Server) -> None:
@@ -135,12 +126,12 @@ def test_a_client_that_goes_away_rolls_the_read_back(server: Server) -> None:
     with server.http() as http, _stream_read(http, sid, MAX_READ) as stream:
         data = [line for _, line in zip(range(4), stream.iter_lines())]
         assert any(line.startswith("data:") for line in data)
-    after = wait_idle(server, sid)
+    after = server.wait_idle(sid)
     assert (after["tokens_seen"], after["turns"], after["writes"]) == (
         before["tokens_seen"], before["turns"], before["writes"])
     with server.http() as http, pytest.raises(httpx.ReadTimeout):
         http.post(f"/v1/sessions/{sid}/read", json={"tokens": document(MAX_READ)}, timeout=0.3)
-    after = wait_idle(server, sid)
+    after = server.wait_idle(sid)
     assert (after["tokens_seen"], after["turns"]) == (before["tokens_seen"], before["turns"])
 
 

@@ -142,14 +142,6 @@ def test_a_second_concurrent_turn_gets_409(server: Server) -> None:
     assert info(server, sid)["turns"] == 1
 
 
-def _wait_idle(server: Server, sid: str) -> dict:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        current = info(server, sid)
-        if not current["busy"]:
-            return current
-        time.sleep(0.05)
-    raise AssertionError("session stayed busy after the client went away")
 
 
 def test_disconnect_rolls_the_turn_back(server: Server) -> None:
@@ -159,7 +151,7 @@ def test_disconnect_rolls_the_turn_back(server: Server) -> None:
     with server.http() as http, _stream_lines(http, sid, max_tokens=400) as stream:
         data = [line for _, line in zip(range(6), stream.iter_lines())]
         assert any(line.startswith("data:") for line in data)
-    after = _wait_idle(server, sid)
+    after = server.wait_idle(sid)
     assert (after["tokens_seen"], after["turns"], after["writes"]) == (
         before["tokens_seen"], before["turns"], before["writes"])
     assert score(server, sid) == logprobs
@@ -172,7 +164,7 @@ def test_a_whole_response_abandoned_by_its_client_rolls_back(server: Server) -> 
     body = {"prompt": TEXT, "max_tokens": 400, "ignore_eos": True}
     with server.http() as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/completions", headers={"X-Session-ID": sid}, json=body, timeout=0.3)
-    after = _wait_idle(server, sid)
+    after = server.wait_idle(sid)
     assert (after["tokens_seen"], after["turns"]) == (before["tokens_seen"], before["turns"])
 
 
