@@ -82,6 +82,12 @@ def main() -> None:
     rts = variants(args)
     for rt in rts.values():  # warm-up: one short session each, untimed
         run_sessions(rt, torch.randint(0, args.vocab, (2, args.chunk + 1)), 2)
+    names = list(rts)
+    print(f"threads={torch.get_num_threads()}  hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"{args.layers} layers, vocab {args.vocab}; plastic layers {args.plastic_layers}, chunk {args.chunk}; "
+          f"prompt {args.prompt}, decode {args.decode}; min of {args.repeats} interleaved repeats")
+    print("decode tok/s (x static):")
+    print(f"{'sessions':>8} " + " ".join(f"{n:>22}" for n in names), flush=True)
     rows: dict[int, dict[str, dict[str, float]]] = {}
     for b in [int(x) for x in args.sessions.split(",")]:
         gen = torch.Generator().manual_seed(b)
@@ -91,18 +97,11 @@ def main() -> None:
             for name, rt in rts.items():
                 p, d = run_sessions(rt, prompts, args.decode)
                 best[name] = (min(best[name][0], p), min(best[name][1], d))
-        rows[b] = {name: {"prefill_tok_s": b * args.prompt / p, "decode_tok_s": b * args.decode / d}
-                   for name, (p, d) in best.items()}
-    names = list(rts)
-    print(f"threads={torch.get_num_threads()}  hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"{args.layers} layers, vocab {args.vocab}; plastic layers {args.plastic_layers}, chunk {args.chunk}; "
-          f"prompt {args.prompt}, decode {args.decode}; min of {args.repeats} interleaved repeats")
-    print("decode tok/s (x static):")
-    print(f"{'sessions':>8} " + " ".join(f"{n:>22}" for n in names))
-    for b, r in rows.items():
+        r = rows[b] = {name: {"prefill_tok_s": b * args.prompt / p, "decode_tok_s": b * args.decode / d}
+                       for name, (p, d) in best.items()}
         static = r["none"]["decode_tok_s"]
         cells = [f"{r[n]['decode_tok_s']:>12.1f} ({r[n]['decode_tok_s'] / static:.2f}x)" for n in names]
-        print(f"{b:>8} " + " ".join(f"{c:>22}" for c in cells))
+        print(f"{b:>8} " + " ".join(f"{c:>22}" for c in cells), flush=True)
     print("prefill tok/s:")
     for b, r in rows.items():
         print(f"{b:>8} " + " ".join(f"{r[n]['prefill_tok_s']:>22.1f}" for n in names))
