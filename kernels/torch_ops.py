@@ -55,10 +55,11 @@ def write_torch(
     for r, (slot, finite) in enumerate(zip(slots.tolist(), torch.isfinite(norms).tolist())):
         if finite:
             target = S[slot]
-            if target.dtype == torch.float32:
-                target.mul_(decay).add_(update[r])
+            if target.dtype == torch.float32:  # decay 1 (the default) skips a pass over S: x * 1.0 == x exactly
+                (target if decay == 1.0 else target.mul_(decay)).add_(update[r])
             else:  # one rounding to the state's dtype
-                target.copy_(target.float().mul_(decay).add_(update[r]))
+                old = target.float()
+                target.copy_((old if decay == 1.0 else old.mul_(decay)).add_(update[r]))
     return norms
 
 
