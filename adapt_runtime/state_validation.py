@@ -175,8 +175,8 @@ def _check_pending(tensors: dict[str, Tensor], chunk: int, n_tokens: int, rt: Ru
             raise MalformedStateError(f"state file {key!r} has {t.shape[0]} rows for {n} pending positions")
 
 
-def kv_geometry(rt: Runtime) -> tuple[int | None, int | None, int | None, bool]:
-    """(layers, kv heads, head dim, sliding) of the model's attention cache, None where the config does not say."""
+def kv_geometry(rt: Runtime) -> tuple[int | None, int | None, int | None]:
+    """(layers, kv heads, head dim) of the model's attention cache, None where the config does not say."""
     cfg = rt.model.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     layers = getattr(cfg, "num_hidden_layers", None)
@@ -185,9 +185,7 @@ def kv_geometry(rt: Runtime) -> tuple[int | None, int | None, int | None, bool]:
     head_dim = getattr(cfg, "head_dim", None)
     if head_dim is None and heads and getattr(cfg, "hidden_size", None):
         head_dim = cfg.hidden_size // heads
-    sliding = getattr(cfg, "sliding_window", None) is not None or "sliding_attention" in (
-        getattr(cfg, "layer_types", None) or ())
-    return layers, kv_heads, head_dim, sliding
+    return layers, kv_heads, head_dim
 
 
 def _check_kv(tensors: dict[str, Tensor], kv_tokens: int, n_tokens: int, rt: Runtime) -> None:
@@ -199,7 +197,7 @@ def _check_kv(tensors: dict[str, Tensor], kv_tokens: int, n_tokens: int, rt: Run
         if kv_tokens:
             raise MalformedStateError(f"state file counts {kv_tokens} cached tokens but holds no KV cache")
         return
-    layers, kv_heads, head_dim, sliding = kv_geometry(rt)
+    layers, kv_heads, head_dim = kv_geometry(rt)
     if layers is not None and n_kv != layers:
         raise MalformedStateError(f"state file KV cache has {n_kv} layers, the model has {layers}")
     dtype = rt.plastic[rt.state_spec.layers[0]].weight0.dtype
@@ -212,7 +210,7 @@ def _check_kv(tensors: dict[str, Tensor], kv_tokens: int, n_tokens: int, rt: Run
             if t.dtype != dtype:
                 raise MalformedStateError(f"state file tensor {name!r} is {t.dtype}, the model computes in {dtype}")
         length = k.shape[2]
-        if v.shape[2] != length or length > kv_tokens or (not sliding and length != kv_tokens):
+        if v.shape[2] != length or length != kv_tokens:  # sliding-window layers keep their whole cache too
             raise MalformedStateError(f"state file KV cache of layer {i} holds {length} keys and {v.shape[2]} "
                                       f"values for {kv_tokens} cached tokens")
 

@@ -83,3 +83,15 @@ def test_a_cache_trimmed_to_the_window_is_a_clear_error():
     state.drop_kv()
     rt.forward(tokens(1, seed=1), state)
     assert state.kv_len == 1
+
+
+def test_a_state_file_with_a_trimmed_sliding_cache_is_refused_on_load():
+    """The same trimmed cache in a state file is a malformed file (the server's 400), caught on load rather than at
+    the next turn; the untrimmed state past the window loads."""
+    rt = ar.patch(windowed("gemma2"), rule="hebbian", chunk_size=4, lr=2.0)
+    state = rt.new_state()
+    rt.forward(tokens(2 * WINDOW), state)
+    assert ar.state_from_bytes(state.to_bytes(), rt).kv_len == 2 * WINDOW
+    state.kv[0] = tuple(t[:, :, -WINDOW:] for t in state.kv[0])
+    with pytest.raises(ar.MalformedStateError, match="layer 0"):
+        ar.state_from_bytes(state.to_bytes(), rt)
