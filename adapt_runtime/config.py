@@ -62,6 +62,8 @@ class RuntimeConfig:
             is kept and S rescaled onto the bound (None: no bound). Keeps long sessions from drifting.
         state_dtype: dtype of S (``float32`` default; deltas of 1e-6 vanish in bf16).
         options: rule-specific options (for example ``target`` and ``modulation`` of ``hebbian``).
+        state_rank: hold each layer's S as rank-r factors ``B [d, r] A [r, f]`` (see ``adapt_runtime.lowrank``);
+            None (the default) keeps S dense.
     """
 
     rule: str
@@ -73,6 +75,7 @@ class RuntimeConfig:
     state_dtype: str = "float32"
     norm_bound: float | None = None
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    state_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -87,6 +90,9 @@ class RuntimeConfig:
             raise ValueError(f"lr must be a non-negative number, got {self.lr}")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {sorted(STATE_DTYPES)}, got {self.state_dtype!r}")
+        if self.state_rank is not None and (self.state_rank < 1 or self.state_dtype != "float32"):
+            raise ValueError(f"state_rank must be a positive integer with state_dtype float32, got "
+                             f"{self.state_rank} with {self.state_dtype}")
 
     @property
     def torch_state_dtype(self) -> torch.dtype:
@@ -95,6 +101,8 @@ class RuntimeConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["layers"] = list(self.layers)
+        if self.state_rank is None:  # dense configs serialise exactly as before the option existed
+            del data["state_rank"]
         return data
 
     def to_json(self) -> str:

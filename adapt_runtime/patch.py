@@ -43,7 +43,7 @@ def _defaults(rule: Rule, chunk_size, layers, lr, decay, clip, norm_bound=None) 
 def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None = None,
           layers: str | list[int] | None = None, lr: float | None = None, decay: float | None = None,
           clip: float | None = None, state_dtype: str = "float32", norm_bound: float | None = None,
-          **rule_options: Any) -> Runtime:
+          state_rank: int | None = None, **rule_options: Any) -> Runtime:
     """Make the down projections of ``layers`` plastic and return the ``Runtime`` that drives them.
 
     Args:
@@ -52,6 +52,7 @@ def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None
         chunk_size, layers, lr, decay, clip, norm_bound: see ``RuntimeConfig``; None takes the rule's measured
             default (``norm_bound=0`` turns the bound off).
         state_dtype: dtype of the fast weights (``float32`` default).
+        state_rank: keep each layer's S as rank-r factors (``adapt_runtime.lowrank``); None (default): dense S.
         **rule_options: options of the named rule, e.g. ``target="error"`` for ``hebbian``.
 
     Example:
@@ -72,7 +73,7 @@ def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None
     config = RuntimeConfig(rule=rule_obj.name, chunk_size=opts["chunk_size"],
                            layers=select_layers(opts["layers"], len(decoder_layers)), lr=opts["lr"],
                            decay=opts["decay"], clip=opts["clip"], state_dtype=state_dtype,
-                           options=rule_obj.options(), norm_bound=opts["norm_bound"])
+                           options=rule_obj.options(), norm_bound=opts["norm_bound"], state_rank=state_rank)
     plastic: dict[int, PlasticDown] = {}
     hooks = []
     for i in config.layers:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapt_runtime import kernels
+from adapt_runtime import kernels, lowrank
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Binding:
     capture: frozenset[str] = frozenset()
     grad_probe: bool = False
     rows: int = 1  # batch rows of the call (OPT feeds its MLP flattened to [B * T, f])
+    factors: list[tuple[Tensor, Tensor] | None] | None = None  # state_rank: each row's (B, A), S = B @ A
     records: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -75,6 +76,8 @@ class PlasticDown(nn.Module):
                 offsets = None if steps == 1 else torch.arange(rows + 1, device=x.device) * steps
                 kernels.apply(flat_y, x.reshape(rows * steps, -1), b.per_row, slots, offsets)
                 y = flat_y.view_as(y)
+            if b.factors is not None:
+                y = lowrank.apply_rows(y, x, b.factors)
         if "x" in b.capture:
             b.records["x"] = x.detach()
         if b.grad_probe:

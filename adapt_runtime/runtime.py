@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from adapt_runtime import lowrank
 from adapt_runtime.architectures import ArchSpec, get_path, set_path
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
@@ -199,6 +200,8 @@ class Runtime:
         return out.logits, bindings
 
     def _bind(self, states: list[FastWeights], capture: frozenset[str], grad: bool) -> dict[int, Binding]:
+        if self.config.state_rank is not None:
+            return self._bind_factors(states, capture, grad)
         bindings = {}
         single = states[0] if len(states) == 1 else None
         if single is not None and self._merge_ok and not single.is_zero:
@@ -220,6 +223,18 @@ class Runtime:
             elif any(d is not None for d in deltas):
                 zero = torch.zeros(wrapper.weight0.shape, dtype=self.state_spec.dtype, device=self.device)
                 binding.per_row = torch.stack([d if d is not None else zero for d in deltas])
+            wrapper.binding = bindings[i] = binding
+        return bindings
+
+    def _bind_factors(self, states: list[FastWeights], capture: frozenset[str], grad: bool) -> dict[int, Binding]:
+        """``state_rank``: each row's factors, applied as ``W0 x + B (A x)`` (``adapt_runtime.lowrank``)."""
+        bindings = {}
+        for i, wrapper in self.plastic.items():
+            rows = [s.factors.get(i) for s in states]
+            if grad:
+                rows = [None if f is None else (normal(f[0]), normal(f[1])) for f in rows]
+            factors = rows if any(f is not None for f in rows) else None
+            binding = Binding(capture=capture, grad_probe=grad, rows=len(states), factors=factors)
             wrapper.binding = bindings[i] = binding
         return bindings
 
@@ -264,7 +279,10 @@ class Runtime:
             if s.pending.chunk == s.tokens_seen // C:
                 continue
             writes = self.rule.writes_for(self, s, tokens[b], graphs.get(id(s)))
-            if apply_writes(s, writes, self.config.decay, self.config.clip, self._w0_norm):
+            if self.config.state_rank is not None:
+                lowrank.apply_writes(s, writes, self.config.decay, self.config.clip, self._w0_norm,
+                                     self.config.state_rank, self.config.norm_bound)
+            elif apply_writes(s, writes, self.config.decay, self.config.clip, self._w0_norm):
                 bound_norms(s, self.config.norm_bound, self._w0_norm)
             s.pending.clear()
 
@@ -274,7 +292,7 @@ class Runtime:
         back = s.tokens_seen - first
         keep = max(0, s.kv_len - back)
         tmp = FastWeights(s.spec)
-        tmp.S, tmp.version = s.S, s.version
+        tmp.S, tmp.factors, tmp.version = s.S, s.factors, s.version
         if keep:
             tmp.kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in s.kv]
             tmp.kv_tokens = keep

@@ -52,6 +52,7 @@ class FastWeights:
         self.refused_writes = 0
         self.version = 0
         self.kv_tokens = 0
+        self.factors: dict[int, tuple[Tensor, Tensor]] = {}  # state_rank runtimes: S = B @ A per layer
 
     def bump(self) -> None:
         """Mark S as changed (a process-wide counter, so a (state, version) pair is never reused)."""
@@ -73,6 +74,7 @@ class FastWeights:
     def nbytes(self) -> int:
         """Bytes held: S, the pending chunk and the KV cache."""
         total = sum(s.numel() * s.element_size() for s in self.S.values() if s is not None)
+        total += sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
         if self.kv:
             total += sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
         return total + self.pending.nbytes
@@ -98,6 +100,7 @@ class FastWeights:
     def reset(self) -> None:
         """Back to a fresh state: S = 0, no stream, no KV, counters at 0."""
         self.S = {layer: None for layer in self.spec.layers}
+        self.factors = {}
         self.pending.clear()
         self.kv = None
         self.tokens = []
@@ -110,6 +113,7 @@ class FastWeights:
         """A deep copy (a fork of the session)."""
         copy = FastWeights(self.spec)
         copy.S = {k: None if s is None else s.clone() for k, s in self.S.items()}
+        copy.factors = {k: (b.clone(), a.clone()) for k, (b, a) in self.factors.items()}
         copy.pending = self.pending.clone()
         copy.kv = None if self.kv is None else [(k.clone(), v.clone()) for k, v in self.kv]
         copy.tokens = list(self.tokens)

@@ -27,6 +27,8 @@ def state_to_bytes(state: FastWeights, include_kv: bool = True, extra_metadata: 
     """The state as safetensors bytes; ``extra_metadata`` (e.g. a server's session record) rides in the header,
     so it is written in the same atomic write as the tensors (loading ignores it)."""
     spec = state.spec
+    if state.factors:
+        raise ValueError("a low-rank state (state_rank) cannot be saved yet: the state file holds dense S only")
     tensors = {f"S.{k}": s.contiguous() for k, s in state.S.items() if s is not None}
     tensors.update({k: v.contiguous() for k, v in state.pending.tensors().items()})
     tensors["tokens"] = torch.tensor(state.tokens, dtype=torch.int64)

@@ -1,0 +1,99 @@
+"""Low-rank fast weights (``state_rank=r``): each plastic layer's S held as factors ``B [d, k]``, ``A [k, f]``.
+
+``S = B A`` with ``k <= r``, so a session costs ``k (d + f)`` numbers per layer instead of ``d f``. A chunk's write
+``U = V^T diag(beta) X`` (rank <= C), after the decay of S and the Frobenius clip, is folded in exactly by
+concatenation, ``[decay B, (c beta V)^T] [A; X]``, then re-truncated to rank r by a thin QR of each factor and an SVD
+of the small ``R_B R_A^T`` (cost ``O((d + f)(r + C)^2)``): the best rank-r approximation of ``decay S + c U``.
+After truncation ``B = Q_B U_k Sigma_k`` and ``A = V_k^T Q_A^T``, so ``||S||_F = ||B||_F`` (the norm bound rescales B).
+All in float32. The dense path (``state_rank=None``, the default) never calls this module.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from adapt_runtime.rules import Write
+from adapt_runtime.state import FastWeights
+from adapt_runtime.writes import OVERFLOW_GUARD, write_bound
+
+log = logging.getLogger("adapt_runtime")
+
+Factors = tuple[Tensor, Tensor]
+
+
+def truncate(B: Tensor, A: Tensor, rank: int) -> Factors:
+    """The best rank-``rank`` factors of ``B @ A`` (``B [d, k]``, ``A [k, f]``) without forming the product."""
+    qb, rb = torch.linalg.qr(B.float())  # [d, m], [m, k]
+    qa, ra = torch.linalg.qr(A.float().T)  # [f, n], [n, k]
+    u, sigma, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    keep = min(rank, sigma.numel())
+    return (qb @ (u[:, :keep] * sigma[:keep])).contiguous(), (vh[:keep] @ qa.T).contiguous()
+
+
+def fold_write(factors: Factors | None, shape: tuple[int, int], w: Write, decay: float, max_norm: float | None,
+               rank: int) -> Factors | None:
+    """``decay S + c U`` truncated to ``rank``; ``c`` clips ``||U||_F`` to ``max_norm``. None for a non-finite write."""
+    v = w.V.float() * w.beta.float().unsqueeze(-1)  # [C, d]
+    x = w.X.float()  # [C, f]
+    norm = torch.sqrt(((v @ v.T) * (x @ x.T)).sum().clamp_min(0.0))  # ||v^T x||_F by its Gram form
+    if not bool(torch.isfinite(norm)):
+        return None
+    scale = 1.0 if max_norm is None or float(norm) <= max_norm else max_norm / max(float(norm), 1e-30)
+    if factors is None:
+        d, f = shape
+        factors = (torch.zeros(d, 0, device=v.device), torch.zeros(0, f, device=v.device))
+    B, A = factors
+    return truncate(torch.cat([B * decay, (v * scale).T], dim=1), torch.cat([A, x], dim=0), rank)
+
+
+def dense(factors: Factors | None, shape: tuple[int, int]) -> Tensor:
+    """``B @ A`` as a dense `[d, f]` tensor (zeros for None): for tests and reports."""
+    if factors is None:
+        return torch.zeros(shape)
+    return factors[0] @ factors[1]
+
+
+def apply_rows(y: Tensor, x: Tensor, per_row: list[Factors | None]) -> Tensor:
+    """``y[b] + B_b (A_b x[b])`` for each row ``b`` of ``x [R, T, f]`` (rows with None are left as they are)."""
+    out = []
+    for r, factors in enumerate(per_row):
+        if factors is None:
+            out.append(y[r])
+        else:
+            B, A = factors
+            out.append(y[r] + ((x[r].float() @ A.T) @ B.T).to(y.dtype))
+    return torch.stack(out)
+
+
+def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float | None, w0_norm: dict[int, float],
+                 rank: int, norm_bound: float | None) -> bool:
+    """Fold every layer's write into ``s.factors`` or none of them (same refusal and counters as the dense
+    ``writes.apply_writes``), then bound each written layer's ``||S||_F`` to ``norm_bound * ||W0||_F``."""
+    if not writes:
+        return True
+    bound = torch.stack([write_bound(w).to(s.spec.device) for w in writes]).max()
+    if not bool(bound <= OVERFLOW_GUARD):
+        s.refused_writes += 1
+        log.warning("refused a fast-weight write with non-finite or overflowing values (chunk %d); no layer was "
+                    "written", s.pending.chunk)
+        return False
+    folded = {}
+    for w in writes:
+        shape = s.spec.shapes[s.spec.layers.index(w.layer)]
+        max_norm = None if clip is None else clip * w0_norm[w.layer]
+        new = fold_write(s.factors.get(w.layer), shape, w, decay, max_norm, rank)
+        if new is None:
+            s.refused_writes += 1
+            return False
+        if norm_bound is not None:
+            limit, norm = norm_bound * w0_norm[w.layer], float(torch.linalg.vector_norm(new[0]))
+            if norm > limit:
+                new = (new[0] * (limit / norm), new[1])
+        folded[w.layer] = new
+    s.factors.update(folded)
+    s.writes += 1
+    s.bump()
+    return True
