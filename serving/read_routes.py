@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from adapt_runtime.serving.context import ServerContext, ctx_of
+from adapt_runtime.serving.context import ServerContext, ctx_of, off_loop
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import Failed, PromptScored
 from adapt_runtime.serving.generation import _race_disconnect, as_api_error
@@ -137,7 +137,8 @@ async def read_document(request: Request, session_id: str, body: ReadRequest) ->
     if body.tokens is not None:
         ids = ctx.engine.check_ids(list(body.tokens), "tokens")
     else:
-        ids = ctx.engine.encode(body.text or "", add_special_tokens=body.add_special_tokens)
+        text = body.text or ""
+        ids = await off_loop(len(text), lambda: ctx.engine.encode(text, add_special_tokens=body.add_special_tokens))
     check_read_length(ctx, len(ids), "tokens" if body.tokens is not None else "text")
     window = read_window(ctx, body.window)
     turn, _ = await start_turn(ctx, request, session_id, True, lambda _: None)

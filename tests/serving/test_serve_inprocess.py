@@ -47,7 +47,8 @@ def _calls(app: Any, requests: list[tuple[str, str, dict | None]]) -> list[httpx
     ("/v1/completions", {"prompt": LARGE, "max_tokens": 1}),
     ("/v1/completions", {"prompt": ["Hi", LARGE], "max_tokens": 1}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LARGE}], "max_tokens": 1}),
-], ids=["tokenize", "tokenize-chat", "completion", "completion-list", "chat"])
+    ("/v1/sessions/doc/read", {"text": LARGE}),
+], ids=["tokenize", "tokenize-chat", "completion", "completion-list", "chat", "read"])
 def test_large_prompts_are_tokenised_off_the_event_loop(served: tuple[Any, ServerContext], path: str, body: dict,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     app, ctx = served
