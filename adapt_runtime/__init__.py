@@ -33,6 +33,6 @@ __all__ = [
     "ALIASES", "RULES", "AdaptRuntimeError", "AlreadyPatchedError", "ContextOverflowError", "FastWeights",
     "ModelNotFoundError", "Rule", "Runtime", "RuntimeConfig", "StateFileError", "UnsupportedArchitectureError",
     "bundled_model_dir", "load_model", "load_state", "make_rule", "patch", "sample", "select_layers",
-    "state_from_bytes", "IncompatibleStateError", "MalformedStateError",
+    "state_from_bytes", "IncompatibleStateError", "MalformedStateError", "LoraAdapterError", "LoraFormatError",
+    "LoraIncompatibleError", "export_lora", "import_lora",
 ]
-__all__ += ["LoraAdapterError", "LoraFormatError", "LoraIncompatibleError", "export_lora", "import_lora"]

@@ -50,10 +50,12 @@ def assemble(states: list[FastWeights], steps: int, device: torch.device,
     if width and previous is not None and previous.continues(states, width):
         for layer in previous.cache.layers:
             _load_layer(cache, layer.keys, layer.values)
-    elif width and _check_rows(states, lengths) and len(states) == 1:
+    elif width and len(states) == 1:
+        _check_rows(states, lengths)
         for k, v in states[0].kv:
             _load_layer(cache, k, v)
     elif width:
+        _check_rows(states, lengths)
         ref = next(s.kv for s in states if s.kv)
         for i, (ref_k, ref_v) in enumerate(ref):
             keys = ref_k.new_zeros(len(states), ref_k.shape[1], width, ref_k.shape[3])
@@ -73,13 +75,12 @@ def assemble(states: list[FastWeights], steps: int, device: torch.device,
     return BatchedCache(cache, mask, position_ids, lengths, width)
 
 
-def _check_rows(states: list[FastWeights], lengths: list[int]) -> bool:
-    """True when every layer of every row holds the row's ``kv_len`` positions; a clear error otherwise."""
+def _check_rows(states: list[FastWeights], lengths: list[int]) -> None:
+    """A clear error unless every layer of every row holds the row's ``kv_len`` positions."""
     for s, n in zip(states, lengths):
         if n and any(int(k.shape[-2]) != n or int(v.shape[-2]) != n for k, v in s.kv):
             raise ValueError(f"a row's KV layers do not all hold its {n} cached positions (a cache trimmed to a "
                              "sliding window?); call state.drop_kv() to continue with the fast weights alone")
-    return True
 
 
 def _load_layer(cache: DynamicCache, keys: Tensor, values: Tensor) -> None:

@@ -10,16 +10,12 @@ All in float32. The dense path (``state_rank=None``, the default) never calls th
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
 from adapt_runtime.rules import Write
 from adapt_runtime.state import FastWeights
-from adapt_runtime.writes import OVERFLOW_GUARD, write_bound
-
-log = logging.getLogger("adapt_runtime")
+from adapt_runtime.writes import writes_are_safe
 
 Factors = tuple[Tensor, Tensor]
 
@@ -74,11 +70,7 @@ def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float 
     ``writes.apply_writes``), then bound each written layer's ``||S||_F`` to ``norm_bound * ||W0||_F``."""
     if not writes:
         return True
-    bound = torch.stack([write_bound(w).to(s.spec.device) for w in writes]).max()
-    if not bool(bound <= OVERFLOW_GUARD):
-        s.refused_writes += 1
-        log.warning("refused a fast-weight write with non-finite or overflowing values (chunk %d); no layer was "
-                    "written", s.pending.chunk)
+    if not writes_are_safe(s, writes):
         return False
     folded = {}
     for w in writes:

@@ -40,6 +40,18 @@ def write_bound(w: Write) -> Tensor:
     return torch.stack([a.max(), b.max(), (a * b).sum()]).max()  # max propagates NaN
 
 
+def writes_are_safe(s: FastWeights, writes: list[Write]) -> bool:
+    """True when every layer's write stays below ``OVERFLOW_GUARD``; else the write is counted as refused and
+    logged, and nothing may be written (the one check of the dense and the low-rank state)."""
+    bound = torch.stack([write_bound(w).to(s.spec.device) for w in writes]).max()
+    if bool(bound <= OVERFLOW_GUARD):  # NaN compares False: refused as well
+        return True
+    s.refused_writes += 1
+    log.warning("refused a fast-weight write with non-finite or overflowing values (chunk %d); no layer was "
+                "written", s.pending.chunk)
+    return False
+
+
 def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float | None,
                  w0_norm: dict[int, float]) -> bool:
     """Write every layer of ``writes`` into ``s`` or none of them; count it (``writes`` or ``refused_writes``).
@@ -49,11 +61,7 @@ def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float 
     """
     if not writes:
         return True
-    bound = torch.stack([write_bound(w).to(s.spec.device) for w in writes]).max()
-    if not bool(bound <= OVERFLOW_GUARD):  # NaN compares False: refused as well
-        s.refused_writes += 1
-        log.warning("refused a fast-weight write with non-finite or overflowing values (chunk %d); no layer was "
-                    "written", s.pending.chunk)
+    if not writes_are_safe(s, writes):
         return False
     slot = torch.zeros(1, dtype=torch.long, device=s.spec.device)
     for w in writes:
