@@ -17,14 +17,16 @@ def bound_norms(s: FastWeights, bound: float | None, w0_norm: dict[int, float]) 
     """Rescale each layer's S of ``s`` onto ``bound * ||W0||`` where it is larger (in place; None: no bound)."""
     if bound is None:
         return
+    layers = [layer for layer, S in s.S.items() if S is not None]
+    if not layers:
+        return
+    # every layer's norm first, then one read of them all (one host sync per write, not one per layer)
+    norms = torch.stack([torch.linalg.vector_norm(s.S[layer], dtype=torch.float32) for layer in layers]).tolist()
     changed = False
-    for layer, S in s.S.items():
-        if S is None:
-            continue
+    for layer, norm in zip(layers, norms):
         limit = bound * w0_norm[layer]
-        norm = float(torch.linalg.vector_norm(S.float()))
         if norm > limit:
-            S.mul_(limit / norm)
+            s.S[layer].mul_(limit / norm)
             changed = True
     if changed:
         s.bump()

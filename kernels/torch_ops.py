@@ -38,6 +38,16 @@ def write_scales(norms: Tensor, max_norm: Tensor | None) -> Tensor:
     return torch.where(torch.isfinite(norms), scale, torch.zeros_like(scale))
 
 
+def write_norms(V: Tensor, X: Tensor, beta: Tensor | None = None) -> Tensor:
+    """``||V_r^T diag(beta_r) X_r||_F`` per row `[R]` from the Gram products (float64, then float32): ``C^2 (d + f)``
+    FLOPs instead of forming the `[d, f]` update. NaN when any input is not finite."""
+    v = V.double() if beta is None else V.double() * beta.double().unsqueeze(-1)
+    x = X.double()
+    sq = (torch.bmm(v, v.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum(dim=(1, 2))
+    # rounding can leave a tiny negative sum for a near-zero update; NaN stays NaN through clamp_min
+    return sq.clamp_min(0).sqrt().float()
+
+
 def write_torch(
     S: Tensor,
     slots: Tensor,
@@ -47,19 +57,20 @@ def write_torch(
     decay: float = 1.0,
     max_norm: Tensor | None = None,
 ) -> Tensor:
+    # The norm comes from the Gram products, so a float32 slot is written by one addmm_ in place (one read and
+    # one write of S; forming the [d, f] update, taking its norm, scaling it and adding it took four passes more).
+    norms = write_norms(V, X, beta)
+    scales = write_scales(norms, max_norm)
     v = V.float() if beta is None else V.float() * beta.float().unsqueeze(-1)
-    update = torch.bmm(v.transpose(1, 2), X.float())  # [R, d, f], unclipped
-    # the update is formed anyway, so its norm costs one read (the Gram form costs C^2 (d + f) FLOPs)
-    norms = torch.linalg.vector_norm(update, dim=(1, 2))
-    update.mul_(write_scales(norms, max_norm)[:, None, None])
     for r, (slot, finite) in enumerate(zip(slots.tolist(), torch.isfinite(norms).tolist())):
-        if finite:
-            target = S[slot]
-            if target.dtype == torch.float32:  # decay 1 (the default) skips a pass over S: x * 1.0 == x exactly
-                (target if decay == 1.0 else target.mul_(decay)).add_(update[r])
-            else:  # one rounding to the state's dtype
-                old = target.float()
-                target.copy_((old if decay == 1.0 else old.mul_(decay)).add_(update[r]))
+        if not finite:
+            continue
+        target, vr = S[slot], v[r] * scales[r]
+        if target.dtype == torch.float32:
+            target.addmm_(vr.T, X[r].float(), beta=decay)  # decay * S + update; decay 1 adds without scaling
+        else:  # one rounding to the state's dtype
+            old = target.float()
+            target.copy_(old.addmm_(vr.T, X[r].float(), beta=decay))
     return norms
 
 
