@@ -64,6 +64,23 @@ def apply_rows(y: Tensor, x: Tensor, per_row: list[Factors | None]) -> Tensor:
     return torch.stack(out)
 
 
+def apply_slots(y: Tensor, x: Tensor, B_slab: Tensor, A_slab: Tensor, slots: Tensor) -> Tensor:
+    """``y[b] + B_s (A_s x[b])`` for each row ``b`` of ``x [R, T, f]`` with ``s = slots[b]``, from the slot pool's
+    factor slabs ``B [N, d, r]``, ``A [N, r, f]`` (zero-padded past a row's rank): two batched matmuls for all rows.
+    Rows in consecutive slots (a batch bound together) read the slabs through a view, without a gather."""
+    first, count = None, slots.numel()
+    if slots.device.type == "cpu":
+        listed = slots.tolist()
+        if listed == list(range(listed[0], listed[0] + count)):
+            first = listed[0]
+    if first is not None:
+        B, A = B_slab[first : first + count], A_slab[first : first + count]
+    else:
+        B, A = B_slab[slots], A_slab[slots]
+    h = torch.bmm(x.float(), A.transpose(1, 2))  # [R, T, r]
+    return y + torch.bmm(h, B.transpose(1, 2)).to(y.dtype)
+
+
 def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float | None, w0_norm: dict[int, float],
                  rank: int, norm_bound: float | None) -> bool:
     """Fold every layer's write into ``s.factors`` or none of them (same refusal and counters as the dense

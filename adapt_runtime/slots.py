@@ -7,6 +7,11 @@ everything else (save, clone, fork, ``delta_norms``); one that was replaced (a l
 layer) is copied into the slot on the next bind. A slot is freed when its state is garbage-collected or evicted
 (``evict``: the state gets a detached copy of its rows, bit for bit). A layer that a bound row has never written
 reads zeros from its slot.
+
+A low-rank runtime (``state_rank=r``) binds with ``bind_factors``: each layer has two slabs, ``B [N, d, r]`` and
+``A [N, r, f]``, and a row's factors (rank ``k <= r``) are copied into its slot, zero-padded to ``r``, whenever they
+changed (a chunk write replaces them), so a decode step over resident rows copies nothing and applies all rows with
+two batched matmuls (``lowrank.apply_slots``). The state keeps its own factors; the slabs are a copy.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class SlotPool:
             raise ValueError(f"max_slots must be >= 1 or None, got {max_slots}")
         self.spec, self.max_slots = spec, max_slots
         self.slabs: dict[int, Tensor] = {}
+        self.factor_slabs: dict[int, tuple[Tensor, Tensor]] = {}  # state_rank: per layer (B [N, d, r], A [N, r, f])
         self._owner: list[weakref.ref | None] = []
         self._views: list[dict[int, Tensor]] = []  # per slot: the view of each layer's row handed to the state
         self._zero: list[set[int]] = []  # per slot: layers whose row is known to hold zeros
@@ -54,26 +60,43 @@ class SlotPool:
 
         None when the rows do not fit ``max_slots`` (the caller then stacks S as without a pool).
         """
-        if self.max_slots is not None and len(states) > self.max_slots:
+        slots = self._assign_all(states)
+        if slots is None:
             return None
-        self._clock += 1
-        new_rows = sum(1 for s in states if s not in self._slot_of)
-        free = sum(1 for k in range(self.capacity) if self._is_free(k))
-        if free - new_rows > self.capacity // 2:  # most slots' sessions are gone: give their memory back
-            self.trim()
-            free = 0
-        missing = new_rows - free
-        if missing > 0 and (self.max_slots is None or self.capacity < self.max_slots):
-            self._grow(missing)  # once per call, not once per new row
-        slots = [self._assign(s, states) for s in states]
         for layer in layers:
             slab = self._slab(layer)
             for s, k in zip(states, slots):
                 self._load(s, k, layer, slab)
-        key = tuple(slots)
-        if self._slots_cache is None or self._slots_cache[0] != key:
-            self._slots_cache = (key, torch.tensor(slots, dtype=torch.long, device=self.spec.device))
-        return self._slots_cache[1]
+        return self._slot_tensor(slots)
+
+    def bind_factors(self, states: list[FastWeights], layers: list[int], rank: int) -> Tensor | None:
+        """``bind`` for a low-rank runtime: each row's factors of ``layers`` copied into its slot of the
+        ``factor_slabs`` (zero-padded to ``rank``) where they changed since; the `[B]` slot indices or None."""
+        slots = self._assign_all(states)
+        if slots is None:
+            return None
+        for layer in layers:
+            B_slab, A_slab = self._factor_slab(layer, rank)
+            for s, k in zip(states, slots):
+                current = s.factors.get(layer)
+                if current is not None and current is self._views[k].get(layer):
+                    continue  # unchanged since it was copied in
+                if current is None:
+                    if layer not in self._zero[k]:
+                        B_slab[k].zero_()
+                        A_slab[k].zero_()
+                        self._zero[k].add(layer)
+                    self._views[k].pop(layer, None)
+                    continue
+                B, A = current
+                with torch.inference_mode(False):
+                    B_slab[k, :, : B.shape[1]].copy_(B)
+                    B_slab[k, :, B.shape[1] :].zero_()
+                    A_slab[k, : A.shape[0]].copy_(A)
+                    A_slab[k, A.shape[0] :].zero_()
+                self._views[k][layer] = current  # the factors the slot holds a copy of (compared by identity)
+                self._zero[k].discard(layer)
+        return self._slot_tensor(slots)
 
     def evict(self, state: FastWeights) -> None:
         """Move ``state`` out of its slot: its S becomes a detached copy (bit for bit) and the slot is free."""
@@ -97,6 +120,8 @@ class SlotPool:
                         owner.S[layer] = self._views[k][layer] = self.slabs[layer][j]
                     elif view is not None:
                         del self._views[k][layer]
+            for layer, pair in list(self.factor_slabs.items()):
+                self.factor_slabs[layer] = tuple(t[live].clone() if live else t[:0].clone() for t in pair)
         for j, k in enumerate(live):
             self._slot_of[self._owner[k]()] = j
         self._owner = [self._owner[k] for k in live]
@@ -111,6 +136,38 @@ class SlotPool:
             self.evict(state)
 
     # ------------------------------------------------------------------ internals
+    def _assign_all(self, states: list[FastWeights]) -> list[int] | None:
+        if self.max_slots is not None and len(states) > self.max_slots:
+            return None
+        self._clock += 1
+        new_rows = sum(1 for s in states if s not in self._slot_of)
+        free = sum(1 for k in range(self.capacity) if self._is_free(k))
+        if free - new_rows > self.capacity // 2:  # most slots' sessions are gone: give their memory back
+            self.trim()
+            free = 0
+        missing = new_rows - free
+        if missing > 0 and (self.max_slots is None or self.capacity < self.max_slots):
+            self._grow(missing)  # once per call, not once per new row
+        return [self._assign(s, states) for s in states]
+
+    def _slot_tensor(self, slots: list[int]) -> Tensor:
+        key = tuple(slots)
+        if self._slots_cache is None or self._slots_cache[0] != key:
+            self._slots_cache = (key, torch.tensor(slots, dtype=torch.long, device=self.spec.device))
+        return self._slots_cache[1]
+
+    def _factor_slab(self, layer: int, rank: int) -> tuple[Tensor, Tensor]:
+        slabs = self.factor_slabs.get(layer)
+        if slabs is None:
+            d, f = self.spec.shapes[self.spec.layers.index(layer)]
+            with torch.inference_mode(False):
+                slabs = (torch.zeros(self.capacity, d, rank, device=self.spec.device),
+                         torch.zeros(self.capacity, rank, f, device=self.spec.device))
+            self.factor_slabs[layer] = slabs
+            for k in range(self.capacity):
+                self._zero[k].add(layer)
+        return slabs
+
     def _assign(self, state: FastWeights, call: list[FastWeights]) -> int:
         k = self._slot_of.get(state)
         if k is None:
@@ -159,6 +216,11 @@ class SlotPool:
                         owner.S[layer] = self._views[k][layer] = grown[k]
                     else:
                         del self._views[k][layer]
+            for layer, pair in self.factor_slabs.items():
+                grown_pair = tuple(t.new_zeros(new, *t.shape[1:]) for t in pair)
+                for g, t in zip(grown_pair, pair):
+                    g[:old].copy_(t)
+                self.factor_slabs[layer] = grown_pair
         for _ in range(old, new):
             self._owner.append(None)
             self._views.append({})
