@@ -16,13 +16,13 @@ from torch import Tensor, nn
 
 from adapt_runtime import lowrank
 from adapt_runtime.architectures import ArchSpec, get_path, set_path
+from adapt_runtime.chunk_grad import ChunkGraph, autograd_on, graph_of, normal, recompute
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
 from adapt_runtime.kv import assemble, scatter
 from adapt_runtime.norm_bound import bound_norms
 from adapt_runtime.plastic import Binding, PlasticDown
 from adapt_runtime.rules import Rule, Segment
-from adapt_runtime.rules.gradient import ChunkGraph, autograd_on, normal
 from adapt_runtime.slots import SlotPool
 from adapt_runtime.state import FastWeights, StateSpec
 from adapt_runtime.writes import apply_writes
@@ -142,9 +142,7 @@ class Runtime:
                 if adapt:
                     segments.append(self._record(s, b, start, bindings, logits[b], nxt[b]))
                 if grad:
-                    with autograd_on():  # the row's logits keep their graph under no_grad / inference_mode
-                        graphs[id(s)] = ChunkGraph(logits[b], {i: r.records["x"][b] for i, r in bindings.items()},
-                                                   {i: r.records["probe"] for i, r in bindings.items()})
+                    graphs[id(s)] = graph_of(logits, bindings, b)
             if adapt:
                 self.rule.observe_rows(self, states, segments)
             outs.append(logits.detach())
@@ -278,30 +276,16 @@ class Runtime:
             s = states[b]
             if s.pending.chunk == s.tokens_seen // C:
                 continue
-            writes = self.rule.writes_for(self, s, tokens[b], graphs.get(id(s)))
+            graph = graphs.get(id(s))
+            if graph is None and self.rule.needs_grad:
+                graph = recompute(self._call, s)
+            writes = self.rule.writes_for(self, s, tokens[b], graph)
             if self.config.state_rank is not None:
                 lowrank.apply_writes(s, writes, self.config.decay, self.config.clip, self._w0_norm,
                                      self.config.state_rank, self.config.norm_bound)
             elif apply_writes(s, writes, self.config.decay, self.config.clip, self._w0_norm):
                 bound_norms(s, self.config.norm_bound, self._w0_norm)
             s.pending.clear()
-
-    def recompute_chunk(self, s: FastWeights) -> ChunkGraph:
-        """The pending chunk's forward again, with grad, on the KV prefix before it and the same S."""
-        first = s.pending.positions[0]
-        back = s.tokens_seen - first
-        keep = max(0, s.kv_len - back)
-        tmp = FastWeights(s.spec)
-        tmp.S, tmp.factors, tmp.version = s.S, s.factors, s.version
-        if keep:
-            tmp.kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in s.kv]
-            tmp.kv_tokens = keep
-        ids = torch.tensor([s.tokens[first:]], device=self.device)
-        logits, bindings = self._call(ids, [tmp], frozenset({"x"}), grad=True)
-        with autograd_on():
-            rows = torch.tensor([p - first for p in s.pending.positions], device=self.device)
-            return ChunkGraph(logits[0], {i: r.records["x"][0] for i, r in bindings.items()},
-                              {i: r.records["probe"] for i, r in bindings.items()}, rows)
 
     def read(self, input_ids: Tensor | Sequence[int], state: FastWeights, window: int | None = None,
              progress: bool = False, on_window: Callable[[int, int, float], None] | None = None) -> ReadResult:
