@@ -4,6 +4,7 @@ that must end with zero errors and flat server memory.
 
     python benchmarks/serving.py                      # hebbian vs none, 1/8/32 sessions, 60 s soak, best of 3
     python benchmarks/serving.py --soak-seconds 10 --max-tokens 32 --out runs/serving.json
+    python benchmarks/serving.py --shape 1024 --sessions 1,8 --threads 2   # random-init hidden-1024 model
 
 Each measurement starts real ``adapt-serve`` processes on free loopback ports; every client owns a session and
 streams completions through it (so the plastic rows write their own fast weights while decoding). The target on
@@ -19,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -283,7 +285,14 @@ def main() -> int:
     parser.add_argument("--no-engine", action="store_true",
                         help="skip the engine-alone column (the scheduler driven in-process, without HTTP)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--shape", choices=["1024"], default=None,
+                        help="serve scale.py's random-init shape instead of --model (1024: hidden 1024, 8 layers)")
     args = parser.parse_args()
+    if args.shape:  # saved once to a temp folder; the servers and the engine-alone column load it from there
+        from scale import save_servable
+
+        work = tempfile.TemporaryDirectory(prefix=f"serving-{args.shape}-")  # removed when main returns
+        args.model = str(save_servable(args.shape, Path(work.name)))
     rules = [r for r in args.rules.split(",") if r]
     counts = [int(c) for c in args.sessions.split(",") if c]
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "adapt-serve-bench.log"
