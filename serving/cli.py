@@ -9,7 +9,13 @@ from pathlib import Path
 
 import click
 from adapt_runtime.serving.cluster.cli_ray import cluster_options, cluster_server
-from adapt_runtime.serving.config import RULES, ServerConfig, parse_rule_config, read_api_key_file
+from adapt_runtime.serving.config import (
+    DEFAULT_PREFILL_CHUNK,
+    RULES,
+    ServerConfig,
+    parse_rule_config,
+    read_api_key_file,
+)
 
 _SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30}
 
@@ -93,6 +99,9 @@ def _seconds(value: str) -> float:
 @click.option("--send-timeout", default="60s", show_default=True, metavar="DURATION",
               help="Time a client may leave a response (or a stream) unread before the server drops it and frees "
                    "its slot.")
+@click.option("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, show_default=True,
+              help="Most prompt tokens read between two decode steps, so a long prompt does not stall the "
+                   "streams that are decoding (read in pieces, round-robin); 0 reads each prompt whole.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Server log verbosity.")
 @cluster_options

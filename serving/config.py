@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 RULES = ("hebbian", "gradient", "inplace-ttt", "none")
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per decode step (see benchmarks/prefill_interleave.py)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ServerConfig:
     max_sessions_per_key: int | None = None
     read_timeout: float = 30.0
     send_timeout: float = 60.0
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK  # prompt tokens between two decode steps; 0/None: whole
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -63,6 +65,8 @@ class ServerConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.max_sessions_per_key is not None and self.max_sessions_per_key <= 0:
             raise ValueError(f"max_sessions_per_key: must be > 0, got {self.max_sessions_per_key}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk: must be >= 0 (0: whole prompts at once), got {self.prefill_chunk}")
 
     @property
     def session_quota(self) -> int:

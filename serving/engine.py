@@ -14,6 +14,7 @@ from typing import Any
 from adapt_runtime.serving.detokenize import Detokenizer
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import Done, Event, Failed
+from adapt_runtime.serving.prefill import DEFAULT_PREFILL_CHUNK
 from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
 
 POLL_S = 0.001
@@ -21,14 +22,15 @@ POLL_S = 0.001
 
 class Engine:
     def __init__(self, runtime: Any, tokenizer: Any, max_model_len: int | None = None,
-                 on_step: Any = None) -> None:
+                 on_step: Any = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
         self.rt = runtime
         self.tokenizer = tokenizer
         self.detok = Detokenizer(tokenizer)
         self.max_len = min(runtime.max_length, max_model_len or runtime.max_length)
         self.vocab_size = runtime.vocab_size
         self.eos_ids = _eos_ids(runtime, tokenizer)
-        self.scheduler = Scheduler(runtime, self.detok, self.max_len, on_step, post=self._post)
+        self.scheduler = Scheduler(runtime, self.detok, self.max_len, on_step, post=self._post,
+                                   prefill_chunk=prefill_chunk)
         self._lock = threading.Lock()
         self._pending: list[tuple[Job, Event]] = []
         self._runs = 0

@@ -1,10 +1,12 @@
 """The scheduler: one worker thread owns every model call; concurrent requests decode together.
 
-Each loop iteration reads the prompts of newly arrived jobs (one ``rt.forward`` per prompt), then takes one
-decode step for *all* active rows: every row samples its next token from its own logits, and the rows that go
-on are fed in one batched ``rt.forward(ids [B, 1], [state_1 .. state_B])``. Each row carries its own
-``FastWeights``, so each applies (and writes) only its own session's S. Rows with ``adapt`` on and off are fed
-in two calls, since ``adapt`` is per call.
+Each loop iteration reads a piece of the pending prompts (at most ``prefill_chunk`` tokens in all, round-robin
+over the reading jobs, see ``prefill.py``; a job's rows start once its prompts are all read), then takes one
+decode step for *all* active rows, so a long prompt no longer stalls the streams that are decoding. In a step
+every row samples its next token from its own logits, and the rows that go on are fed in one batched
+``rt.forward(ids [B, 1], [state_1 .. state_B])``. Each row carries its own ``FastWeights``, so each applies
+(and writes) only its own session's S. Rows with ``adapt`` on and off are fed in two calls, since ``adapt`` is
+per call.
 
 As in ``rt.generate``, the last token of a row is never fed: it becomes the first token of the next input.
 Events are collected during a step and handed over in one batch through ``post`` (the engine queues them for
@@ -30,21 +32,11 @@ from typing import Any
 
 import torch
 from adapt_runtime.serving.detokenize import Detokenizer, TextStream
-from adapt_runtime.serving.events import Done, Event, Failed, Finished, PromptScored, Token
+from adapt_runtime.serving.events import Done, Event, Failed, Finished, Token
+from adapt_runtime.serving.prefill import DEFAULT_PREFILL_CHUNK, Prompt, PromptReader
 from adapt_runtime.serving.sampling import SamplingParams, draw, sample_token, top_logprobs
 
 log = logging.getLogger("adapt_serve")
-
-
-@dataclass
-class Prompt:
-    """One prompt of a job: ``feed`` is what still has to enter ``state`` (empty: it already holds the prompt);
-    ``tokens`` the whole prompt. ``echo`` asks for per-token prompt logprobs (then ``feed == tokens``)."""
-
-    state: Any
-    feed: list[int]
-    tokens: list[int]
-    echo: bool = False
 
 
 @dataclass
@@ -76,12 +68,15 @@ class Job:
 
 
 class Scheduler:
-    """Owns the model thread. ``submit`` a Job; ``close`` stops the thread after the current step."""
+    """Owns the model thread. ``submit`` a Job; ``close`` stops the thread after the current step.
+    ``prefill_chunk``: prompt tokens read between two decode steps at most (0 or None: whole prompts)."""
 
     def __init__(self, runtime: Any, detok: Detokenizer, max_len: int,
                  on_step: Callable[[int, float], None] | None = None,
-                 post: Callable[[list[tuple[Job, Event]]], None] | None = None) -> None:
+                 post: Callable[[list[tuple[Job, Event]]], None] | None = None,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
         self.rt = runtime
+        self._reader = PromptReader(runtime, prefill_chunk, self._emit, self._fail)
         self.post = post or _deliver
         self._outbox: list[tuple[Job, Event]] = []
         self.detok = detok
@@ -114,17 +109,22 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._closed:
+            busy = bool(self._rows or self._reader.pending)
             try:
-                job = self._inbox.get(block=not self._rows, timeout=None if not self._rows else 0)
+                job = self._inbox.get(block=not busy, timeout=0 if busy else None)
             except queue.Empty:
                 job = None
             while job is not None:
-                self._admit(job)
-                self._flush()
+                if not job.cancelled.is_set():
+                    self._reader.add(job)
                 try:
                     job = self._inbox.get_nowait()
                 except queue.Empty:
                     job = None
+            if self._reader.pending:
+                for read_job, logits in self._reader.read():
+                    self._start(read_job, logits)
+                self._flush()
             if self._rows:
                 try:
                     self._step()
@@ -149,16 +149,14 @@ class Scheduler:
             job.cancelled.set()
         self._rows = [row for row in self._rows if row.job is not job]
 
-    def _admit(self, job: Job) -> None:
+    def _start(self, job: Job, last_logits: list[torch.Tensor]) -> None:
+        """``job``'s prompts are read (``last_logits``: each one's logits after its last token): its rows join
+        the decode steps; a prompt's ``n`` rows are cloned from its state now."""
         if job.cancelled.is_set():
             return
         try:
             rows = []
-            for p_index, prompt in enumerate(job.prompts):
-                if job.cancelled.is_set():  # the client left while its prompts were being read
-                    return
-                logits, scores = self._read(prompt, job)
-                self._emit(job, PromptScored(p_index, len(prompt.tokens), scores))
+            for p_index, (prompt, logits) in enumerate(zip(job.prompts, last_logits, strict=True)):
                 gen = job.params.generator(logits.device)
                 anchor = self.detok.anchor(prompt.tokens)
                 for j in range(job.n):
@@ -176,17 +174,6 @@ class Scheduler:
             return
         job.live = len(rows)
         self._rows.extend(rows)
-
-    def _read(self, prompt: Prompt, job: Job) -> tuple[torch.Tensor, list | None]:
-        if not prompt.feed:
-            if prompt.state.last_logits is None:
-                raise RuntimeError("the session holds no logits to continue from")
-            return prompt.state.last_logits.float(), None
-        logits = self.rt.forward(prompt.feed, prompt.state, adapt=job.adapt)[0]  # [T, V]
-        scores = None
-        if prompt.echo:
-            scores = _prompt_logprobs(logits, prompt.feed, job.params.logprobs or 0)
-        return logits[-1].float(), scores
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -293,15 +280,3 @@ class Scheduler:
 def _deliver(batch: list[tuple[Job, Event]]) -> None:
     for job, event in batch:
         job.emit(event)
-
-
-def _prompt_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list:
-    """Per prompt token: None for the first, then (logprob of the token, top-k) under the preceding logits."""
-    lp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [T-1, V]
-    target = torch.tensor(tokens[1:], dtype=torch.long, device=lp.device)
-    chosen = lp.gather(1, target[:, None])[:, 0].tolist()
-    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
-    if k > 0 and chosen:
-        values, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-    return [None] + [(c, t) for c, t in zip(chosen, tops)]

@@ -39,7 +39,8 @@ def create_context(config: ServerConfig, make_store: Callable[[Any, Callable[[st
     model, tokenizer = ar.load_model(config.model, dtype=config.dtype, device=config.device)
     runtime = ar.patch(model, rule=config.rule, **config.rule_config)
     metrics = Metrics()
-    engine = Engine(runtime, tokenizer, config.max_model_len, on_step=metrics.on_step)
+    engine = Engine(runtime, tokenizer, config.max_model_len, on_step=metrics.on_step,
+                    prefill_chunk=config.prefill_chunk)
     persistent = config.session_dir is not None
 
     def on_event(event: str) -> None:
