@@ -3,22 +3,24 @@
 Every layer keeps its whole KV, sliding-window layers included: the model's mask applies the window, so a row's
 layers all have its ``kv_len`` entries, rows past the window batch like any others, and a chunk recomputed on a KV
 prefix sees exactly the keys it saw the first time (a cache trimmed to the window could not give them back).
+
+The cache's layers are ``AppendLayer``s (``adapt_runtime.kv_buffer``): keys and values live in buffers with spare
+positions and a call writes only its new positions. A row's ``kv`` after a call is a view of its row of the buffer,
+registered with it; when the next call's rows are consecutive rows of one buffer, in order, each ending where the
+buffer is filled (decode steps of a fixed batch, or of one row), the call continues that buffer in place. Any other
+set of rows is copied into a new buffer, left-padded, as before.
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from adapt_runtime.kv_buffer import AppendLayer, KVBuffer, capacity_for, span_of
 from adapt_runtime.state import FastWeights
-
-# transformers < 5 initialises a layer from its keys alone
-_LAZY_INIT_TAKES_VALUES = len(inspect.signature(DynamicLayer.lazy_initialization).parameters) > 2
 
 
 @dataclass
@@ -30,41 +32,21 @@ class BatchedCache:
     position_ids: Tensor  # [B, T]
     lengths: list[int]
     width: int  # Lmax
-    rows: list[FastWeights] = field(default_factory=list)
-    row_kv: list[list] = field(default_factory=list)  # each row's kv list as ``scatter`` left it
-
-    def continues(self, states: list[FastWeights], width: int) -> bool:
-        """True when ``states`` are this call's rows, in order, with their caches untouched since: the padded
-        tensors of this call can then serve the next one as they are (decode steps of a fixed batch)."""
-        return (len(states) > 1 and len(states) == len(self.rows)
-                and all(s is r and s.kv is kv for s, r, kv in zip(states, self.rows, self.row_kv))
-                and int(self.cache.layers[0].keys.shape[-2]) == width)
 
 
 def assemble(states: list[FastWeights], steps: int, device: torch.device,
              previous: BatchedCache | None = None) -> BatchedCache:
-    """Stack the rows' caches for a call of ``steps`` new tokens per row (reusing ``previous`` when it continues)."""
+    """Stack the rows' caches for a call of ``steps`` new tokens per row. ``previous`` (the last call's cache) is
+    accepted and not needed: the rows' own views say whether they continue a buffer in place."""
+    del previous
     lengths = [s.kv_len for s in states]
     width = max(lengths)
     cache = DynamicCache()  # full layers only (see the module docstring)
-    if width and previous is not None and previous.continues(states, width):
-        for layer in previous.cache.layers:
-            _load_layer(cache, layer.keys, layer.values)
-    elif width and len(states) == 1:
-        _check_rows(states, lengths)
-        for k, v in states[0].kv:
-            _load_layer(cache, k, v)
-    elif width:
+    cache.layer_class_to_replicate = AppendLayer  # layers made lazily (rows without KV) append in place too
+    if width:
         _check_rows(states, lengths)
         ref = next(s.kv for s in states if s.kv)
-        for i, (ref_k, ref_v) in enumerate(ref):
-            keys = ref_k.new_zeros(len(states), ref_k.shape[1], width, ref_k.shape[3])
-            values = ref_v.new_zeros(len(states), ref_v.shape[1], width, ref_v.shape[3])
-            for b, (s, n) in enumerate(zip(states, lengths)):
-                if n:  # left-padded: the row's entries end at the common width
-                    keys[b, :, width - n :] = s.kv[i][0][0]
-                    values[b, :, width - n :] = s.kv[i][1][0]
-            _load_layer(cache, keys, values)
+        cache.layers.extend(_layer(states, lengths, width, steps, i) for i in range(len(ref)))
     offsets = torch.tensor(lengths, device=device)[:, None]
     position_ids = offsets + torch.arange(steps, device=device)[None]
     mask = None
@@ -75,6 +57,28 @@ def assemble(states: list[FastWeights], steps: int, device: torch.device,
     return BatchedCache(cache, mask, position_ids, lengths, width)
 
 
+def _layer(states: list[FastWeights], lengths: list[int], width: int, steps: int, i: int) -> AppendLayer:
+    """Layer ``i`` of the call: the rows' buffer continued in place when they are its consecutive rows, each ending
+    where it is filled; otherwise a copy (one row: copied on its first update, or concatenated under autograd)."""
+    spans = [span_of(*s.kv[i]) if n else None for s, n in zip(states, lengths)]
+    first = spans[0]
+    if first is not None and all(
+        sp is not None and sp.buffer is first.buffer and sp.row == first.row + b and sp.end == first.buffer.filled
+        for b, sp in enumerate(spans)
+    ):
+        return AppendLayer.over(first.buffer, first.row, first.row + len(states), first.buffer.filled - width)
+    if len(states) == 1:
+        return AppendLayer.holding(*states[0].kv[i])
+    ref_k, ref_v = next(s.kv[i] for s in states if s.kv)
+    buffer = KVBuffer(ref_k, ref_v, len(states), capacity_for(width + steps))
+    for b, (s, n) in enumerate(zip(states, lengths)):
+        if n:  # left-padded: the row's entries end at the common width
+            buffer.keys[b, :, width - n : width] = s.kv[i][0][0]
+            buffer.values[b, :, width - n : width] = s.kv[i][1][0]
+    buffer.filled = width
+    return AppendLayer.over(buffer, 0, len(states), 0)
+
+
 def _check_rows(states: list[FastWeights], lengths: list[int]) -> None:
     """A clear error unless every layer of every row holds the row's ``kv_len`` positions."""
     for s, n in zip(states, lengths):
@@ -83,19 +87,13 @@ def _check_rows(states: list[FastWeights], lengths: list[int]) -> None:
                              "sliding window?); call state.drop_kv() to continue with the fast weights alone")
 
 
-def _load_layer(cache: DynamicCache, keys: Tensor, values: Tensor) -> None:
-    """Append a layer holding ``keys``/``values`` as they are (``update`` would copy them once more)."""
-    layer = DynamicLayer()
-    layer.lazy_initialization(*((keys, values) if _LAZY_INIT_TAKES_VALUES else (keys,)))
-    layer.keys, layer.values = keys, values
-    cache.layers.append(layer)
-
-
 def scatter(batched: BatchedCache, states: list[FastWeights]) -> None:
-    """Give each row its part of the cache after the call (padding stripped, graph detached)."""
-    layers = batched.cache.layers
-    for b, (s, n) in enumerate(zip(states, batched.lengths)):
-        drop = batched.width - n
-        s.kv = [(layer.keys[b : b + 1, :, drop:].detach(), layer.values[b : b + 1, :, drop:].detach())
-                for layer in layers]
-    batched.rows, batched.row_kv = list(states), [s.kv for s in states]
+    """Give each row its part of the cache after the call (padding stripped, graph detached): views of the buffer,
+    never longer than the row's cached positions."""
+    drops = [batched.width - n for n in batched.lengths]
+    per_layer = [layer.row_views(drops) if isinstance(layer, AppendLayer)
+                 else [(layer.keys[b : b + 1, :, d:].detach(), layer.values[b : b + 1, :, d:].detach())
+                       for b, d in enumerate(drops)]
+                 for layer in batched.cache.layers]
+    for b, s in enumerate(states):
+        s.kv = [views[b] for views in per_layer]
