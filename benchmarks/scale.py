@@ -201,6 +201,27 @@ def bound_lines(rows: list[dict], bw: dict[str, float], shape: Shape, plastic: i
     return lines, bounds
 
 
+# issue 9's CPU targets at the hidden-1024 shape: (rule, state, B, least decode x static)
+TARGETS = [("hebbian", "dense", 8, 0.6), ("hebbian", "dense", 32, 0.5), ("gradient", "dense", 8, 0.35),
+           ("hebbian", "r=16", 32, 0.85)]
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """Each issue-9 target this run measured: the ratio and met / missed."""
+    at = {(r["rule"], r["state"], r["sessions"]): r["decode_tok_s"] for r in rows if r["engine"] == "runtime"}
+    lines = []
+    for rule, state, b, least in TARGETS:
+        if (rule, state, b) in at and ("none", "-", b) in at:
+            ratio = at[rule, state, b] / at["none", "-", b]
+            lines.append(f"target {rule} {state} B={b} decode >= {least}x static: {ratio:.2f}x "
+                         f"({'met' if ratio >= least else 'missed'})")
+    if ("hebbian", "dense", 8) in at and ("hebbian", "dense", 1) in at:
+        gain = at["hebbian", "dense", 8] / at["hebbian", "dense", 1]
+        lines.append(f"target hebbian dense decode tok/s at B=8 >= 4x B=1: {gain:.2f}x "
+                     f"({'met' if gain >= 4 else 'missed'})")
+    return lines
+
+
 def table(rows: list[dict]) -> str:
     head = ["| B | rule | state | prefill tok/s | x static | decode tok/s | x static | state MiB/session "
             "| peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -269,7 +290,7 @@ def main() -> None:
                     for key in ("prefill_s", "decode_s"):
                         old[key] = min(old[key], m[key])
                     old["peak_rss_bytes"] = max(old["peak_rss_bytes"], m["peak_rss_bytes"])
-                    plastic = m["plastic_layers"]
+                    plastic = max(plastic, m["plastic_layers"])
                     bar.update(1)
             rows += [{"engine": "runtime", "sessions": b, "rule": v.rule, "state": v.state, "rank": v.rank,
                       "pool": v.pool, "prefill_tok_s": b * args.prompt / m["prefill_s"],
@@ -295,6 +316,8 @@ def main() -> None:
     print(f"\nbandwidth ({bw['tensor_mib']} MiB fp32, best of 5): copy_ {bw['copy_gb_s']:.1f} GB/s copied, clone "
           f"{bw['clone_gb_s']:.1f} GB/s copied (new tensor), sum {bw['sum_gb_s']:.1f} GB/s read")
     print("\n".join(lines))
+    if args.shape == "1024" and args.chunk == 16:
+        print("\n".join(target_lines(rows)))
     if vllm is not None and vllm.get("error"):
         print(f"vLLM: not measured: {vllm['error']}")
     elif vllm is not None:
