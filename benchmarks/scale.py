@@ -45,12 +45,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from scale_memory import MIB, bandwidth, bound_lines, peak_rss_bytes, reset_peak
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adapt_runtime as ar
-
-MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -127,37 +126,6 @@ def run_sessions(rt, prompts: torch.Tensor, steps: int) -> tuple[float, float, i
     return prefill, decode, fast_weight_bytes(states[0])
 
 
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def bandwidth(mib: int, repeats: int = 5) -> dict[str, float]:
-    """GB/s of an fp32 tensor, best of N: ``copy_`` into a held tensor and ``clone`` (a new one: page faults
-    included, like stacking rows into a fresh tensor) in bytes copied per second, ``sum`` in bytes read per second."""
-    x, y = torch.ones(mib * MIB // 4), torch.zeros(mib * MIB // 4)
-    best = {"copy": float("inf"), "clone": float("inf"), "sum": float("inf")}
-    for _ in range(repeats):
-        for name, op in (("copy", lambda t: y.copy_(t)), ("clone", torch.clone), ("sum", torch.sum)):
-            start = time.perf_counter()
-            op(x)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {f"{name}_gb_s": mib * MIB / t / 1e9 for name, t in best.items()} | {"tensor_mib": mib}
-
-
 def variants(args: argparse.Namespace) -> list[Variant]:
     out = [Variant("none")]
     for rule in [r for r in args.rules.split(",") if r]:
@@ -183,22 +151,6 @@ def measure(model, v: Variant, prompts: torch.Tensor, args: argparse.Namespace) 
         rt.unpatch()
     return {"prefill_s": prefill, "decode_s": decode, "state_bytes": state_bytes, "plastic_layers": plastic,
             "peak_rss_bytes": peak_rss_bytes(), "peak_rss_is_per_measurement": hwm_ok}
-
-
-def bound_lines(rows: list[dict], bw: dict[str, float], shape: Shape, plastic: int) -> tuple[list[str], dict]:
-    lines, bounds = [], {}
-    per_session = plastic * shape.hidden * shape.intermediate * 4
-    for r in rows:
-        if r["rule"] != "none" or r.get("engine") != "runtime":
-            continue
-        b = r["sessions"]
-        step = b / r["decode_tok_s"]
-        read = b * per_session / (bw["sum_gb_s"] * 1e9)
-        bounds[b] = step / (step + read)
-        lines.append(f"B={b}: static decode step {step * 1e3:.1f} ms; reading {b} sessions' dense fp32 S "
-                     f"({b * per_session / MIB:.1f} MiB) at {bw['sum_gb_s']:.1f} GB/s takes {read * 1e3:.1f} ms: "
-                     f"dense S bound {bounds[b]:.2f}x static")
-    return lines, bounds
 
 
 # issue 9's CPU targets at the hidden-1024 shape: (rule, state, B, least decode x static)
@@ -306,7 +258,7 @@ def main() -> None:
             vllm = run_vllm(args.vllm_python, Path(work), prompts, args)
         rows += [{"engine": "vllm", "rule": "vLLM (static)", "state": "-", "rank": None, "pool": None, **r}
                  for r in vllm.get("rows", [])]
-    lines, bounds = bound_lines(rows, bw, shape, plastic)
+    lines, bounds = bound_lines(rows, bw, shape.hidden, shape.intermediate, plastic)
     print(f"\nthreads={torch.get_num_threads()}; shape {args.shape}: hidden {shape.hidden}, intermediate "
           f"{shape.intermediate}, {shape.layers} layers, vocab {shape.vocab}, heads {shape.heads}/{shape.kv_heads}"
           + (" (layers cut to fit this machine)" if args.shape == "1b" else "")
