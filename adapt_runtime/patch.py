@@ -11,7 +11,7 @@ from torch import nn
 from adapt_runtime.architectures import arch_spec, get_path, set_path
 from adapt_runtime.config import RuntimeConfig, select_layers
 from adapt_runtime.errors import AlreadyPatchedError
-from adapt_runtime.plastic import PlasticDown
+from adapt_runtime.plastic import FINAL_SCALE, PlasticDown, Tap, final_scale, hidden
 from adapt_runtime.rules import InPlaceTTTRule, Rule, make_rule
 from adapt_runtime.runtime import Runtime
 
@@ -81,22 +81,16 @@ def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None
         wrapper = PlasticDown(get_path(layer, spec.down), i, spec.conv1d)
         set_path(layer, spec.down, wrapper)
         plastic[i] = wrapper
-        hooks.append(get_path(layer, spec.mlp_in).register_forward_pre_hook(_capture_h(wrapper)))
+        hooks.append(get_path(layer, spec.mlp_in).register_forward_pre_hook(Tap(wrapper, "h", hidden)))
+    if rule_obj.reads_final_norm:
+        tap = Tap(plastic[max(plastic)], FINAL_SCALE, final_scale)  # recorded in the last layer's binding
+        hooks.append(get_path(model, spec.final_norm).register_forward_pre_hook(tap))
     fp = fingerprint([plastic[i].weight0 for i in config.layers])
     rt = Runtime(model, spec, config, rule_obj, plastic, hooks, fp)
     try:
-        rule_obj.bind(rt)
+        rule_obj.bind(model, spec, config)
     except Exception:
         rt.unpatch()
         raise
     return rt
 
-
-def _capture_h(wrapper: PlasticDown):
-    def hook(module: nn.Module, args: tuple) -> None:
-        binding = wrapper.binding
-        if binding is not None and "h" in binding.capture:
-            h = args[0].detach()
-            binding.records["h"] = h.view(binding.rows, -1, h.shape[-1]) if h.dim() == 2 else h
-
-    return hook

@@ -1,12 +1,15 @@
 """``PlasticDown``: the wrapper that makes a down projection plastic, ``y = W0 x + S x``.
 
 The wrapper holds the original module as ``.base`` and reads, per call, a ``Binding`` set by the runtime: which
-fast weights to apply (none, one merged weight, or one S per batch row), and what to capture for the rule. With no
-binding it is exactly the base module.
+fast weights to apply (none, one merged weight, or one S per batch row), and what to record for the rule. With no
+binding it is exactly the base module. Everything a rule reads is recorded into the bindings' ``records``: the
+wrapper records its input and output, and ``Tap`` pre-hooks (set by ``patch``) record the MLP's hidden input and
+the final norm's scale into the binding of their layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapt_runtime import kernels, lowrank
+
+FINAL_SCALE = "inv_rms"  # record name of the final norm's scale (also its name in a state's pending targets)
 
 
 @dataclass
@@ -25,7 +30,8 @@ class Binding:
         per_row: `[B, d, f]` one S per row (rows without a write hold zeros), or `[N, d, f]` slot storage with
             ``slots`` naming each row's slot; or None.
         slots: `[B]` the slot of each row in ``per_row``, or None (row b reads ``per_row[b]``).
-        capture: names to record: ``x`` (input `[B, T, f]`), ``y`` (output `[B, T, d]`).
+        capture: names to record: ``x`` (input `[B, T, f]`), ``y`` (output `[B, T, d]`), ``h`` (the MLP's
+            hidden input `[B, T, d]`), ``inv_rms`` (``FINAL_SCALE``, the final norm's scale `[B, T]`).
         grad_probe: add a zero tensor that requires grad to the output, so that ``dL/dy`` can be taken.
     """
 
@@ -90,3 +96,29 @@ class PlasticDown(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.index}, conv1d={self.conv1d}"
+
+
+def hidden(module: nn.Module, h: Tensor, rows: int) -> Tensor:
+    """The MLP's hidden input as `[B, T, d]` (OPT feeds it flattened)."""
+    return h.view(rows, -1, h.shape[-1]) if h.dim() == 2 else h
+
+
+def final_scale(module: nn.Module, r: Tensor, rows: int) -> Tensor:
+    """`[B, T]` inverse RMS (LayerNorm: inverse std) of the residual entering the final norm."""
+    r = r.float()
+    if isinstance(module, nn.LayerNorm):
+        r = r - r.mean(-1, keepdim=True)
+    return torch.rsqrt(r.pow(2).mean(-1) + 1e-6).reshape(rows, -1)
+
+
+class Tap:
+    """A forward pre-hook that records ``read(module, input, rows)`` under ``name`` into ``wrapper``'s binding
+    when the binding captures ``name`` (nothing otherwise)."""
+
+    def __init__(self, wrapper: PlasticDown, name: str, read: Callable[[nn.Module, Tensor, int], Tensor]) -> None:
+        self.wrapper, self.name, self.read = wrapper, name, read
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        binding = self.wrapper.binding
+        if binding is not None and self.name in binding.capture:
+            binding.records[self.name] = self.read(module, args[0].detach(), binding.rows)

@@ -15,14 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from adapt_runtime import lowrank
-from adapt_runtime.architectures import ArchSpec, get_path, set_path
-from adapt_runtime.chunk_grad import ChunkGraph, autograd_on, graph_of, normal, recompute
+from adapt_runtime.architectures import ArchSpec, set_path
+from adapt_runtime.chunk_collect import finished, label_last, record
+from adapt_runtime.chunk_grad import ChunkGraph, autograd_on, graph_of, normal
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
 from adapt_runtime.kv import assemble, scatter
 from adapt_runtime.norm_bound import bound_norms
-from adapt_runtime.plastic import Binding, PlasticDown
-from adapt_runtime.rules import Rule, Segment
+from adapt_runtime.plastic import FINAL_SCALE, Binding, PlasticDown
+from adapt_runtime.rules import Rule
 from adapt_runtime.slots import SlotPool
 from adapt_runtime.state import FastWeights, StateSpec
 from adapt_runtime.writes import apply_writes
@@ -58,21 +59,12 @@ class Runtime:
         self.max_length = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
                               or 1 << 30)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self._final_inv_rms: Tensor | None = None
+        self._capture = rule.capture | ({FINAL_SCALE} if rule.reads_final_norm else set())
         self._cache_arg = cache_argument(model)
         self._last_batch = None  # the previous multi-row call's cache, reused by a decode step of the same rows
         # multi-row calls keep each row's S in slot storage (None: stack every row's S per call, as before)
         self.slot_pool: SlotPool | None = SlotPool(self.state_spec)
-        if rule.reads_final_norm:
-            norm = get_path(model, spec.final_norm)
-            self._hooks.append(norm.register_forward_pre_hook(self._read_final_norm))
         self.patched = True
-
-    def _read_final_norm(self, module: nn.Module, args: tuple) -> None:
-        r = args[0].detach().float()
-        if isinstance(module, nn.LayerNorm):
-            r = r - r.mean(-1, keepdim=True)
-        self._final_inv_rms = torch.rsqrt(r.pow(2).mean(-1) + 1e-6)  # [B, T]
 
     def __repr__(self) -> str:
         c = self.config
@@ -113,8 +105,8 @@ class Runtime:
                 raise ContextOverflowError(
                     f"{s.kv_len} cached + {total} new tokens exceed the model's {self.max_length} positions; "
                     "call state.drop_kv() to continue with the fast weights alone")
-        if not adapt and self.rule.writes and total:
-            self._label_pending(states, ids[:, 0])
+        if not adapt and self.rule.writes and total:  # the unadapted positions are skipped, the labels stay aligned
+            label_last(self.rule, states, ids[:, 0].tolist())
         adapt = adapt and self.rule.writes
         C = self.config.chunk_size
         outs: list[Tensor] = []
@@ -129,22 +121,19 @@ class Runtime:
                 seg = min(seg, min(C - s.tokens_seen % C for s in states))
             grad = (adapt and self.rule.needs_grad and rows == 1 and states[0].tokens_seen % C == 0
                     and seg == C and pos + seg < total)
-            capture = set(self.rule.capture) if adapt else set()
+            capture = set(self._capture) if adapt else set()
             if grad:
                 capture.add("x")
             seg_ids = ids[:, pos : pos + seg]
             logits, bindings = self._call(seg_ids, states, frozenset(capture), grad)
             nxt = ids[:, pos + 1 : pos + seg + 1]
-            segments = []
+            starts = [s.tokens_seen for s in states]
             for b, s in enumerate(states):
-                start = s.tokens_seen
                 s.tokens.extend(seg_ids[b].tolist())
-                if adapt:
-                    segments.append(self._record(s, b, start, bindings, logits[b], nxt[b]))
                 if grad:
                     graphs[id(s)] = graph_of(logits, bindings, b)
             if adapt:
-                self.rule.observe_rows(self, states, segments)
+                record(self.rule, states, starts, bindings, logits.detach(), nxt, C)
             outs.append(logits.detach())
             pos += seg
         if not outs:
@@ -244,42 +233,16 @@ class Runtime:
             self._merged_key = key
 
     # ------------------------------------------------------------------ writes
-    def _record(self, s: FastWeights, b: int, start: int, bindings: dict[int, Binding], logits: Tensor,
-                nxt: Tensor) -> Segment:
-        n = logits.shape[0]
-        if not len(s.pending):
-            s.pending.chunk = start // self.config.chunk_size
-        s.pending.positions.extend(range(start, start + n))
-        records = {i: {k: v[b] for k, v in r.records.items() if k in self.rule.capture} for i, r in bindings.items()}
-        for i, rec in records.items():
-            for name, rows in rec.items():
-                s.pending.add_rows(name, i, rows)
-        labels = torch.full((n,), -1, dtype=torch.long, device=self.device)
-        labels[: nxt.numel()] = nxt
-        inv_rms = None if self._final_inv_rms is None else self._final_inv_rms.reshape(-1, n)[b]
-        return Segment(records, logits.detach(), labels, inv_rms)
-
-    def _label_pending(self, states: list[FastWeights], next_tokens: Tensor) -> None:
-        """Before a call that does not adapt: the last captured position of each pending chunk gets its label now,
-        so that the rule's targets stay aligned with the captured keys (the unadapted positions are skipped)."""
-        waiting = [b for b, s in enumerate(states) if len(s.pending)]
-        if waiting:
-            tokens = next_tokens.tolist()
-            self.rule.resolve_rows(self, [states[b] for b in waiting], [tokens[b] for b in waiting])
-
     def _fire_writes(self, states: list[FastWeights], next_tokens: Tensor, graphs: dict[int, ChunkGraph]) -> None:
         C = self.config.chunk_size
         tokens = next_tokens.tolist()
         waiting = [b for b, s in enumerate(states) if len(s.pending)]
-        self.rule.resolve_rows(self, [states[b] for b in waiting], [tokens[b] for b in waiting])
-        for b in waiting:
+        label_last(self.rule, [states[b] for b in waiting], [tokens[b] for b in waiting])
+        done = [b for b in waiting if states[b].pending.chunk != states[b].tokens_seen // C]
+        chunks = [finished(self.rule, states[b], tokens[b], self.config.lr, graphs.get(id(states[b])), self._call)
+                  for b in done]
+        for b, writes in zip(done, self.rule.write_rows(chunks) if chunks else []):
             s = states[b]
-            if s.pending.chunk == s.tokens_seen // C:
-                continue
-            graph = graphs.get(id(s))
-            if graph is None and self.rule.needs_grad:
-                graph = recompute(self._call, s)
-            writes = self.rule.writes_for(self, s, tokens[b], graph)
             if self.config.state_rank is not None:
                 lowrank.apply_writes(s, writes, self.config.decay, self.config.clip, self._w0_norm,
                                      self.config.state_rank, self.config.norm_bound)

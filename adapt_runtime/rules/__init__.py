@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapt_runtime.rules.base import NoneRule, Rule, Segment, Write
+from adapt_runtime.chunk import Chunk
+from adapt_runtime.rules.base import NoneRule, Rule, Write
 from adapt_runtime.rules.gradient import GradientRule
 from adapt_runtime.rules.hebbian import HebbianRule
 from adapt_runtime.rules.inplace_ttt import InPlaceTTTRule
@@ -31,5 +32,4 @@ def make_rule(rule: str | Rule, **options: Any) -> Rule:
         raise ValueError(f"bad options for rule {rule!r}: {err}") from None
 
 
-__all__ = ["RULES", "GradientRule", "HebbianRule", "InPlaceTTTRule", "NoneRule", "Rule", "Segment", "Write",
-           "make_rule"]
+__all__ = ["RULES", "Chunk", "GradientRule", "HebbianRule", "InPlaceTTTRule", "NoneRule", "Rule", "Write", "make_rule"]

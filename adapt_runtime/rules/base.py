@@ -1,5 +1,18 @@
 """The rule interface. A rule decides the targets ``v_t`` and rates ``beta_t`` of the one write op
-``S <- decay * S + clip(V^T diag(beta) X)``; the runtime does the rest (chunking, capture, the write itself)."""
+``S <- decay * S + clip(V^T diag(beta) X)``; the runtime does the rest (chunking, recording, the gradient when
+asked, the write itself). A rule is a function of tensors: it never sees the runtime or a session state.
+
+    class Recall(Rule):  # write each position's next-token embedding at its key, at rate lr / n
+        name = "recall"
+        capture = frozenset({"x"})
+
+        def bind(self, model, arch, config):
+            self.U = model.get_output_embeddings().weight.detach()
+
+        def write(self, chunk):
+            beta = torch.full((len(chunk),), chunk.lr / len(chunk), device=chunk.labels.device)
+            return [Write(i, self.U[chunk.labels].float(), chunk.x[i], beta) for i in chunk.layers]
+"""
 
 from __future__ import annotations
 
@@ -7,30 +20,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from adapt_runtime.state import FastWeights
+from adapt_runtime.chunk import Chunk
 
 if TYPE_CHECKING:
-    from adapt_runtime.runtime import Runtime
-
-
-@dataclass
-class Segment:
-    """What one row produced in one model call, handed to ``Rule.observe``.
-
-    Attributes:
-        records: per plastic layer, the captured tensors (``x`` `[n, f]`, ``y`` `[n, d]`, ``h`` `[n, d]`).
-        logits: `[n, V]` logits of the segment's positions.
-        labels: `[n]` next-token ids, -1 where the next token is not known yet (the last fed position).
-        final_inv_rms: `[n]` inverse RMS (LayerNorm: inverse std) of the residual entering the final norm, when
-            the rule asked for it with ``reads_final_norm``.
-    """
-
-    records: dict[int, dict[str, Tensor]]
-    logits: Tensor
-    labels: Tensor
-    final_inv_rms: Tensor | None = None
+    from adapt_runtime.architectures import ArchSpec
+    from adapt_runtime.config import RuntimeConfig
 
 
 @dataclass
@@ -54,7 +50,12 @@ def key_scale(keys: list[Tensor]) -> Tensor:
 
 
 class Rule:
-    """Base rule. Subclasses set ``name`` and the defaults, and implement ``observe`` and/or ``writes_for``."""
+    """Base rule. Subclasses set ``name`` and the defaults, and implement ``write`` (and ``targets``).
+
+    What the runtime collects for the rule is declared here: ``capture`` names the per-layer records kept for
+    each position (``x`` the down projection's input, ``y`` its output, ``h`` the MLP's hidden input);
+    ``reads_final_norm`` the final norm's scale; ``needs_grad`` the gradient ``dL/dy`` of each plastic layer.
+    """
 
     name: ClassVar[str] = "base"
     capture: frozenset[str] = frozenset()
@@ -72,35 +73,27 @@ class Rule:
         """Rule-specific options, JSON-able (recorded in the config and in state files)."""
         return {}
 
-    def bind(self, rt: Runtime) -> None:
-        """Called once by ``patch``: a chance to check the model and cache what the rule reads from it."""
+    def bind(self, model: nn.Module, arch: ArchSpec, config: RuntimeConfig) -> None:
+        """Called once by ``patch``: check the model and keep the weights the rule reads (unembedding, ...)."""
 
-    def observe(self, rt: Runtime, state: FastWeights, segment: Segment) -> None:
-        """Called after each adapted segment of a row, once its records are in ``state.pending``."""
+    def targets(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Per-position tensors of positions whose next token became known, from their logits `[n, V]` and
+        labels `[n]` (all rows of a call at once): each `[n, *]`, kept in the pending chunk under its name and
+        handed back in ``Chunk.targets``. Rules that need only the finished chunk leave this out."""
+        return {}
 
-    def observe_rows(self, rt: Runtime, states: list[FastWeights], segments: list[Segment]) -> None:
-        """``observe`` for every row of a call; rules may override it to do all rows in one batched step."""
-        for state, segment in zip(states, segments):
-            self.observe(rt, state, segment)
+    @property
+    def stashes_targets(self) -> bool:
+        """Whether the rule computes per-position ``targets`` (the runtime then collects them)."""
+        return type(self).targets is not Rule.targets
 
-    def resolve(self, rt: Runtime, state: FastWeights, next_token: int) -> None:
-        """Called when ``next_token`` is fed: the pending position before it now has its label."""
-
-    def resolve_rows(self, rt: Runtime, states: list[FastWeights], next_tokens: list[int]) -> None:
-        """``resolve`` for every row of a call; rules may override it to do all rows in one batched step."""
-        for state, token in zip(states, next_tokens):
-            self.resolve(rt, state, token)
-
-    def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
-        """The writes of the completed pending chunk of ``state``; ``next_token`` labels its last position."""
+    def write(self, chunk: Chunk) -> list[Write]:
+        """The writes of one row's finished chunk."""
         return []
 
-    @staticmethod
-    def labels_for(state: FastWeights, next_token: int) -> Tensor:
-        """Next-token labels of the pending positions (the stream, then ``next_token`` past its end)."""
-        stream = state.tokens
-        labels = [stream[p + 1] if p + 1 < len(stream) else next_token for p in state.pending.positions]
-        return torch.tensor(labels, dtype=torch.long, device=state.spec.device)
+    def write_rows(self, chunks: list[Chunk]) -> list[list[Write]]:
+        """``write`` for the finished chunks of all rows of a call; rules may batch it."""
+        return [self.write(chunk) for chunk in chunks]
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

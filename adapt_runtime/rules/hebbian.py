@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from adapt_runtime.architectures import get_path
-from adapt_runtime.rules.base import Rule, Segment, Write, key_scale
-from adapt_runtime.state import FastWeights
+from adapt_runtime.chunk import Chunk
+from adapt_runtime.rules.base import Rule, Write, key_scale
 
 if TYPE_CHECKING:
-    from adapt_runtime.runtime import Runtime
+    from adapt_runtime.architectures import ArchSpec
+    from adapt_runtime.config import RuntimeConfig
 
 TARGETS = ("error", "next_token", "output")
 MODULATIONS = ("none", "surprise")
@@ -56,10 +57,10 @@ class HebbianRule(Rule):
         return {"target": self.target, "modulation": self.modulation, "topk": self.topk,
                 "norm_jacobian": self.norm_jacobian}
 
-    def bind(self, rt: Runtime) -> None:
-        self._unembed = rt.model.get_output_embeddings().weight.detach()
+    def bind(self, model: nn.Module, arch: ArchSpec, config: RuntimeConfig) -> None:
+        self._unembed = model.get_output_embeddings().weight.detach()
         self._gain = None
-        norm = get_path(rt.model, rt.arch.final_norm)
+        norm = get_path(model, arch.final_norm)
         weight = getattr(norm, "weight", None)
         if self.reads_final_norm and weight is not None:
             gain = weight.detach().float()
@@ -67,13 +68,13 @@ class HebbianRule(Rule):
                 gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
             self._gain = gain / gain.abs().mean().clamp_min(1e-12)
 
-    def _targets(self, logits: Tensor, labels: Tensor) -> tuple[Tensor | None, Tensor]:
-        """Shared targets `[n, d]` (None for ``output``) and surprise `[n]` of positions with known labels."""
+    def targets(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Surprise ``nll`` `[n]` and (but for ``output``) the shared target ``v`` `[n, d]` of labelled positions."""
         logits = logits.float()
         lse = torch.logsumexp(logits, dim=-1)  # [n]
         nll = lse - logits.gather(-1, labels[:, None]).squeeze(-1)
         if self.target == "output":
-            return None, nll
+            return {"nll": nll}
         U = self._unembed
         v = U[labels].float()
         if self.target == "error":
@@ -85,69 +86,19 @@ class HebbianRule(Rule):
                 v = v - (logits - lse[:, None]).exp() @ U.float()
         if self._gain is not None:
             v = v * self._gain
-        return v, nll
+        return {"v": v, "nll": nll}
 
-    def observe(self, rt: Runtime, state: FastWeights, segment: Segment) -> None:
-        self.observe_rows(rt, [state], [segment])
-
-    def observe_rows(self, rt: Runtime, states: list[FastWeights], segments: list[Segment]) -> None:
-        """Targets of every row's labelled positions in one batched step (known labels are a prefix of a row)."""
-        counts = [int((seg.labels >= 0).sum()) for seg in segments]
-        for state, segment in zip(states, segments):
-            self.observe_scale(state, segment)
-        if not sum(counts):
-            return
-        logits = torch.cat([seg.logits[:n] for seg, n in zip(segments, counts)])
-        labels = torch.cat([seg.labels[:n] for seg, n in zip(segments, counts)])
-        v, nll = self._targets(logits, labels)
-        start = 0
-        for state, n in zip(states, counts):
-            if n:
-                if v is not None:
-                    state.pending.add_target("v", v[start : start + n])
-                state.pending.add_target("nll", nll[start : start + n])
-            start += n
-
-    def observe_scale(self, state: FastWeights, segment: Segment) -> None:
-        if self.reads_final_norm and segment.final_inv_rms is not None:
-            state.pending.add_target("inv_rms", segment.final_inv_rms)
-
-    def resolve(self, rt: Runtime, state: FastWeights, next_token: int) -> None:
-        self.resolve_rows(rt, [state], [next_token])
-
-    def resolve_rows(self, rt: Runtime, states: list[FastWeights], next_tokens: list[int]) -> None:
-        """Targets of each row's last fed position, now labelled by ``next_tokens``, in one batched step."""
-        rows = [(s, t) for s, t in zip(states, next_tokens)
-                if len(s.pending) - s.pending.target_len("nll") == 1
-                and s.pending.positions[-1] == s.tokens_seen - 1 and s.last_logits is not None]
-        if not rows:
-            return
-        logits = torch.stack([s.last_logits for s, _ in rows])
-        labels = torch.tensor([t for _, t in rows], device=logits.device)
-        v, nll = self._targets(logits, labels)
-        for i, (s, _) in enumerate(rows):
-            if v is not None:
-                s.pending.add_target("v", v[i : i + 1])
-            s.pending.add_target("nll", nll[i : i + 1])
-
-    def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
-        pending = state.pending
-        self.resolve(rt, state, next_token)
-        n_ok = pending.target_len("nll")
-        if n_ok == 0:
+    def write(self, chunk: Chunk) -> list[Write]:
+        nll = chunk.targets.get("nll")
+        if nll is None or not len(nll):
             return []
-        nll = pending.target("nll")
+        n_ok = nll.shape[0]  # the positions labelled while their logits were at hand (all, unless a state lost them)
         m = nll / nll.mean().clamp_min(1e-6) if self.modulation == "surprise" else torch.ones_like(nll)
-        shared = pending.target("v")
-        inv_rms = pending.target("inv_rms")
-        if shared is not None and inv_rms is not None:
-            scale = inv_rms[:n_ok]
+        shared = chunk.targets.get("v")
+        if shared is not None and chunk.final_scale is not None:
+            scale = chunk.final_scale[:n_ok]
             shared = shared * (scale / scale.mean().clamp_min(1e-12))[:, None]
-        keys = {layer: pending.rows("x", layer)[:n_ok] for layer in state.spec.layers}
-        beta = m * (rt.config.lr / key_scale(list(keys.values())))
-        writes = []
-        for layer, X in keys.items():
-            V = pending.rows("y", layer)[:n_ok] if self.target == "output" else shared
-            writes.append(Write(layer, V, X, beta))
-        return writes
-
+        keys = {layer: chunk.x[layer][:n_ok] for layer in chunk.layers}
+        beta = m * (chunk.lr / key_scale(list(keys.values())))
+        return [Write(layer, chunk.y[layer][:n_ok] if self.target == "output" else shared, X, beta)
+                for layer, X in keys.items()]

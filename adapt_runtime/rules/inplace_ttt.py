@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
+from adapt_runtime.chunk import Chunk
 from adapt_runtime.rules.base import Rule, Write
-from adapt_runtime.state import FastWeights
 
 if TYPE_CHECKING:
-    from adapt_runtime.runtime import Runtime
+    from adapt_runtime.architectures import ArchSpec
+    from adapt_runtime.config import RuntimeConfig
 
 _KEY = re.compile(r"layers\.(\d+)\.mlp\.(ttt_conv|ttt_proj)\.weight$")
 
@@ -72,24 +73,19 @@ class InPlaceTTTRule(Rule):
         return {"checkpoint": self.checkpoint, "ttt_target": self.ttt_target, "ttt_layers": self.ttt_layers,
                 "ttt_chunk": self.ttt_chunk, "ttt_lr": self.ttt_lr}
 
-    def bind(self, rt: Runtime) -> None:
-        absent = [i for i in rt.config.layers if i not in self.conv or i not in self.proj]
+    def bind(self, model: nn.Module, arch: ArchSpec, config: RuntimeConfig) -> None:
+        absent = [i for i in config.layers if i not in self.conv or i not in self.proj]
         if absent:
             raise ValueError(f"inplace-ttt: no ttt_conv/ttt_proj weights for layers {absent}; the checkpoint "
                              f"has them for {sorted(self.conv)}")
-        self._embed = rt.model.get_input_embeddings()
+        self._embed = model.get_input_embeddings()
 
-    def writes_for(self, rt: Runtime, state: FastWeights, next_token: int, graph: Any = None) -> list[Write]:
-        pending = state.pending
+    def write(self, chunk: Chunk) -> list[Write]:
         writes = []
-        for layer in state.spec.layers:
-            if self.ttt_target == "input_embed":
-                ids = torch.tensor([state.tokens[p] for p in pending.positions], device=state.spec.device)
-                T = self._embed(ids).detach()
-            else:
-                T = pending.rows("h", layer)
+        for layer in chunk.layers:
+            T = self._embed(chunk.tokens).detach() if self.ttt_target == "input_embed" else chunk.h[layer]
             proj = self.proj[layer].to(T.device).float()
             V = chunk_conv(T, self.conv[layer].to(T.device)) @ proj
-            X = pending.rows("x", layer)
-            writes.append(Write(layer, V, X, torch.full((X.shape[0],), rt.config.lr, device=X.device)))
+            X = chunk.x[layer]
+            writes.append(Write(layer, V, X, torch.full((X.shape[0],), chunk.lr, device=X.device)))
         return writes

@@ -99,14 +99,14 @@ def test_clip_scales_a_write_down_to_the_bound():
 def recorded_writes(rt, monkeypatch) -> list[list]:
     """Record every write the rule returns (``V``, ``X``, ``beta`` per layer), in order."""
     log: list[list] = []
-    writes_for = rt.rule.writes_for
+    write = rt.rule.write
 
     def spy(*args, **kwargs):
-        writes = writes_for(*args, **kwargs)
+        writes = write(*args, **kwargs)
         log.append([(w.layer, w.V.double(), w.X.double(), w.beta.double()) for w in writes])
         return writes
 
-    monkeypatch.setattr(rt.rule, "writes_for", spy)
+    monkeypatch.setattr(rt.rule, "write", spy)
     return log
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import adapt_runtime as ar
+from adapt_runtime.rules import Write
 
 
 def forward_with_delta(model, ids, deltas, records=None):
@@ -122,6 +123,41 @@ def test_inplace_ttt_needs_a_checkpoint(tmp_path):
     assert not any(type(m).__name__ == "PlasticDown" for m in model.modules())
 
 
+class Recall(ar.Rule):
+    """A rule written against ``Chunk`` alone (the rules module's example): each position's next-token
+    embedding written at its key."""
+
+    name = "recall"
+    capture = frozenset({"x"})
+
+    def bind(self, model, arch, config):
+        self.U = model.get_output_embeddings().weight.detach()
+
+    def write(self, chunk):
+        beta = torch.full((len(chunk),), chunk.lr / len(chunk), device=chunk.labels.device)
+        return [Write(i, self.U[chunk.labels].float(), chunk.x[i], beta) for i in chunk.layers]
+
+
+@pytest.mark.parametrize("feed", ["one-call", "token-by-token"])
+def test_a_custom_rule_gets_the_chunk_keys_and_labels(feed):
+    C, lr = 8, 0.5
+    model = tiny_model()
+    ids = tokens(C + 1)
+    d, f = model.model.layers[0].mlp.down_proj.weight.shape
+    records = {}
+    with torch.no_grad():
+        forward_with_delta(model, ids[:C], [torch.zeros(d, f, device=DEVICE)] * 3, records)
+    U = model.get_output_embeddings().weight.detach()
+    expected = [lr / C * U[ids[1 : C + 1]].T @ records["x"][i] for i in range(3)]
+    rt = ar.patch(model, rule=Recall(), chunk_size=C, lr=lr, layers="all", norm_bound=0)
+    state = rt.new_state()
+    for piece in ([ids] if feed == "one-call" else ids.split(1)):
+        rt.forward(piece, state)
+    assert state.writes == 1
+    for i in range(3):
+        assert_close(state.S[i], expected[i], "reference")
+
+
 def test_hebbian_error_target_is_the_definition():
     model = tiny_model()
     rt = ar.patch(model, rule="hebbian", chunk_size=4, topk=0, norm_jacobian=False)
@@ -129,7 +165,8 @@ def test_hebbian_error_target_is_the_definition():
     labels = torch.tensor([5, 9, 1], device=DEVICE)
     U = model.get_output_embeddings().weight.detach()
     expected = (F.one_hot(labels, VOCAB).float() - logits.softmax(-1)) @ U
-    v, nll = rt.rule._targets(logits, labels)
+    out = rt.rule.targets(logits, labels)
+    v, nll = out["v"], out["nll"]
     assert_close(v, expected, "definition")
     assert_close(nll, F.cross_entropy(logits, labels, reduction="none"), "definition")
 
@@ -140,8 +177,8 @@ def test_topk_error_target_is_close_to_exact():
     logits = torch.randn(4, VOCAB, device=DEVICE) * 6  # peaked
     labels = torch.tensor([1, 2, 3, 4], device=DEVICE)
     approx = ar.patch(tiny_model(), rule="hebbian", topk=32).rule
-    v_exact, _ = exact._targets(logits, labels)
-    v_top, _ = approx._targets(logits, labels)
+    v_exact = exact.targets(logits, labels)["v"]
+    v_top = approx.targets(logits, labels)["v"]
     assert (v_top - v_exact).norm() < 0.05 * v_exact.norm()
 
 
@@ -154,3 +191,23 @@ def test_bad_rule_options_are_clear(bad):
 def test_unknown_rule_lists_the_rules():
     with pytest.raises(ValueError, match="hebbian"):
         ar.patch(tiny_model(), rule="telepathy")
+
+
+def test_batched_rows_take_one_targets_call_per_step(monkeypatch):
+    """Hebbian targets of all rows' newly labelled positions come from one ``targets`` call per model call."""
+    rt = ar.patch(tiny_model(), rule="hebbian", chunk_size=4)
+    calls: list[int] = []
+    targets = rt.rule.targets
+
+    def counting(logits, labels):
+        calls.append(len(labels))
+        return targets(logits, labels)
+
+    monkeypatch.setattr(rt.rule, "targets", counting)
+    states = [rt.new_state() for _ in range(3)]
+    # prefill of 6 tokens, read as chunk 0 (4 positions labelled a row) and positions 4-5 (one labelled a row)
+    rt.forward(torch.stack([tokens(6, seed=b) for b in range(3)]), states)
+    for step in range(4):  # decode: each step labels every row's previous position
+        rt.forward(tokens(3, seed=10 + step)[:, None], states)
+    assert calls == [12, 3, 3, 3, 3, 3]
+    assert all(s.writes == 2 for s in states)

@@ -119,8 +119,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 class PoisonRule(HebbianRule):
     """A Hebbian rule whose targets turn non-finite: the write must be refused, whole."""
 
-    def writes_for(self, rt, state, next_token, graph=None):
-        writes = super().writes_for(rt, state, next_token, graph)
+    def write(self, chunk):
+        writes = super().write(chunk)
         writes[-1].V = writes[-1].V * float("nan")
         return writes
 

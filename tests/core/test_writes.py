@@ -47,11 +47,11 @@ def test_every_rule_writes_only_through_kernels_write(rule, monkeypatch):
 
 
 def overflowing(rule, layer: int):
-    """Wrap ``rule.writes_for`` so that ``layer``'s write has finite inputs whose product overflows float32."""
-    writes_for = rule.writes_for
+    """Wrap ``rule.write`` so that ``layer``'s write has finite inputs whose product overflows float32."""
+    write = rule.write
 
     def wrapped(*args, **kwargs):
-        writes = writes_for(*args, **kwargs)
+        writes = write(*args, **kwargs)
         return [Write(w.layer, w.V * 1e20, w.X * 1e20, w.beta) if w.layer == layer else w for w in writes]
 
     return wrapped
@@ -65,7 +65,7 @@ def test_a_write_refused_on_one_layer_writes_no_layer(rule, bad_layer, monkeypat
     rt.forward(tokens(5), state)  # one good write: S is non-zero, so a decayed layer would show
     assert state.writes == 1
     before = {i: S.clone() for i, S in state.S.items()}
-    monkeypatch.setattr(rt.rule, "writes_for", overflowing(rt.rule, bad_layer))
+    monkeypatch.setattr(rt.rule, "write", overflowing(rt.rule, bad_layer))
     with caplog.at_level(logging.WARNING, logger="adapt_runtime"):
         rt.forward(tokens(4, seed=1), state)  # completes chunk 1: its write overflows on one layer
     assert state.writes == 1 and state.refused_writes == 1
@@ -80,15 +80,15 @@ def test_a_write_refused_on_one_layer_writes_no_layer(rule, bad_layer, monkeypat
 @pytest.mark.parametrize("poison", ["nan", "inf"])
 def test_a_non_finite_write_writes_no_layer(poison, monkeypatch):
     rt = patched("hebbian", chunk_size=4)
-    writes_for = rt.rule.writes_for
+    write = rt.rule.write
 
     def bad(*args, **kwargs):
-        writes = writes_for(*args, **kwargs)
+        writes = write(*args, **kwargs)
         V = writes[-1].V.clone()
         V[0, 0] = float(poison)
         return [*writes[:-1], Write(writes[-1].layer, V, writes[-1].X, writes[-1].beta)]
 
-    monkeypatch.setattr(rt.rule, "writes_for", bad)
+    monkeypatch.setattr(rt.rule, "write", bad)
     state = rt.new_state()
     rt.forward(tokens(9), state)
     assert state.writes == 0 and state.refused_writes == 2 and state.is_zero
