@@ -42,6 +42,7 @@ class Binding:
     grad_probe: bool = False
     rows: int = 1  # batch rows of the call (OPT feeds its MLP flattened to [B * T, f])
     factors: list[tuple[Tensor, Tensor] | None] | None = None  # state_rank: each row's (B, A), S = B @ A
+    factor_slabs: tuple[Tensor, Tensor] | None = None  # state_rank in the slot pool: (B, A) slabs, rows by ``slots``
     records: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -84,6 +85,8 @@ class PlasticDown(nn.Module):
                 y = flat_y.view_as(y)
             if b.factors is not None:
                 y = lowrank.apply_rows(y, x, b.factors)
+            if b.factor_slabs is not None:
+                y = lowrank.apply_slots(y, x, *b.factor_slabs, b.slots)
         if "x" in b.capture:
             b.records["x"] = x.detach()
         if b.grad_probe:

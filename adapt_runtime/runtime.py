@@ -215,13 +215,18 @@ class Runtime:
 
     def _bind_factors(self, states: list[FastWeights], capture: frozenset[str], grad: bool) -> dict[int, Binding]:
         """``state_rank``: each row's factors, applied as ``W0 x + B (A x)`` (``adapt_runtime.lowrank``)."""
-        bindings = {}
+        bindings, slots = {}, None
+        if len(states) > 1 and self.slot_pool is not None and not grad:  # rows read their slots' factor slabs
+            layers = [i for i in self.plastic if any(s.factors.get(i) is not None for s in states)]
+            slots = self.slot_pool.bind_factors(states, layers, self.config.state_rank) if layers else None
         for i, wrapper in self.plastic.items():
             rows = [s.factors.get(i) for s in states]
             if grad:
                 rows = [None if f is None else (normal(f[0]), normal(f[1])) for f in rows]
             factors = rows if any(f is not None for f in rows) else None
             binding = Binding(capture=capture, grad_probe=grad, rows=len(states), factors=factors)
+            if slots is not None and factors is not None:
+                binding.factors, binding.factor_slabs, binding.slots = None, self.slot_pool.factor_slabs[i], slots
             wrapper.binding = bindings[i] = binding
         return bindings
 

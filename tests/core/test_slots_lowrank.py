@@ -87,3 +87,20 @@ def test_growing_and_trimming_keep_each_rows_factors() -> None:
         for layer in layers:
             B, A = _padded(s.factors[layer], RANK)
             assert torch.equal(pool.factor_slabs[layer][0][k], B) and torch.equal(pool.factor_slabs[layer][1][k], A)
+
+
+@pytest.mark.parametrize("rule", ["hebbian", "gradient"])
+def test_batched_low_rank_rows_in_slots_equal_the_per_row_path(rule) -> None:
+    rt = patched(rule, chunk_size=4, state_rank=RANK)
+    pooled = _states_with_factors(rt, 3)
+    looped = [s.clone() for s in pooled]
+    ids = torch.stack([tokens(9, seed=20 + i) for i in range(3)])
+    got = torch.cat([rt.forward(ids[:, t : t + 1], pooled) for t in range(9)], dim=1)
+    assert all(rt.slot_pool.slot_of(s) is not None for s in pooled)
+    rt.slot_pool = None  # every row applies its own factors (lowrank.apply_rows)
+    expected = torch.cat([rt.forward(ids[:, t : t + 1], looped) for t in range(9)], dim=1)
+    assert_close(got, expected, "logits")
+    for a, b in zip(pooled, looped):
+        assert a.writes == b.writes
+        for layer in rt.config.layers:
+            assert_close(lowrank.dense(a.factors[layer], (1, 1)), lowrank.dense(b.factors[layer], (1, 1)), "state")
