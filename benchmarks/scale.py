@@ -268,14 +268,16 @@ def main() -> None:
     print(f"\nbandwidth ({bw['tensor_mib']} MiB fp32, best of 5): copy_ {bw['copy_gb_s']:.1f} GB/s copied, clone "
           f"{bw['clone_gb_s']:.1f} GB/s copied (new tensor), sum {bw['sum_gb_s']:.1f} GB/s read")
     print("\n".join(lines))
-    if args.shape == "1024" and args.chunk == 16:
-        print("\n".join(target_lines(rows)))
+    targets = target_lines(rows) if args.shape == "1024" and args.chunk == 16 else []
+    if targets:
+        print("\n".join(targets))
     if vllm is not None and vllm.get("error"):
         print(f"vLLM: not measured: {vllm['error']}")
     elif vllm is not None:
         print(f"vLLM {vllm.get('version', '?')}: {vllm.get('note', '')}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"process peak RSS {peak:.2f} GiB (getrusage maxrss)")
+    peaks = [r["peak_rss_bytes"] for r in rows if r["engine"] == "runtime"]
+    peak = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *peaks]) / 2**30
+    print(f"this process's peak RSS {peak:.2f} GiB (the largest measurement's; vLLM's is its own process's)")
     if args.out:
         payload = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "shape_spec")},
                    "shape": vars(shape), "bandwidth": bw, "dense_bound": bounds, "rows": rows, "vllm": vllm,
