@@ -165,11 +165,11 @@ def target_lines(rows: list[dict]) -> list[str]:
     for rule, state, b, least in TARGETS:
         if (rule, state, b) in at and ("none", "-", b) in at:
             ratio = at[rule, state, b] / at["none", "-", b]
-            lines.append(f"target {rule} {state} B={b} decode >= {least}x static: {ratio:.2f}x "
+            lines.append(f"target {rule} {state} B={b} decode >= {least}x static: {ratio:.3f}x "
                          f"({'met' if ratio >= least else 'missed'})")
     if ("hebbian", "dense", 8) in at and ("hebbian", "dense", 1) in at:
         gain = at["hebbian", "dense", 8] / at["hebbian", "dense", 1]
-        lines.append(f"target hebbian dense decode tok/s at B=8 >= 4x B=1: {gain:.2f}x "
+        lines.append(f"target hebbian dense decode tok/s at B=8 >= 4x B=1: {gain:.3f}x "
                      f"({'met' if gain >= 4 else 'missed'})")
     return lines
 
