@@ -11,10 +11,10 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
 from adapt_runtime.serving.detokenize import Detokenizer
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import Done, Event, Failed
-from adapt_runtime.serving.prefill import DEFAULT_PREFILL_CHUNK
 from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
 
 POLL_S = 0.001

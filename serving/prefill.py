@@ -24,15 +24,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
 from adapt_runtime.serving.events import Event, PromptScored
 
 if TYPE_CHECKING:
     from adapt_runtime.serving.scheduler import Job
 
 log = logging.getLogger("adapt_serve")
-
-__all__ = ["DEFAULT_PREFILL_CHUNK", "Prompt", "PromptReader"]
 
 
 @dataclass
