@@ -110,3 +110,23 @@ def test_apply_triton_shared_slots_and_empty_segments(interpreter: None) -> None
 def test_apply_cuda(case: Case, state_dtype: torch.dtype) -> None:
     ratio = GPU_RATIO if state_dtype == f32 else {k: max(v, 2e-2) for k, v in GPU_RATIO.items()}
     _check(case, "auto", ratio, state_dtype, "cuda")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], ids=lambda n: f"{n}-threads")
+@pytest.mark.parametrize("inference", [False, True], ids=["grad-mode", "inference-mode"])
+def test_apply_torch_decode_rows_shared_by_threads(threads: int, inference: bool) -> None:
+    """Large slots at decode: the rows' products are split over one thread per torch thread; every row is added
+    once, in the caller's inference mode (thread-local), as the twin says."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        with torch.inference_mode(inference):
+            y, x, S, slots, _ = _inputs(Case(5, 1, 130, 520, 1, f32))
+            slots = torch.tensor([3, 0, 3, 4, 1])  # a slot read by two rows
+            ref = apply_naive(y.clone(), x, S, slots)
+            out = apply(y.clone(), x, S, slots, impl="torch")
+        assert out.is_inference() == inference
+        assert_close("y", ref, out, TORCH_RATIO[f32])
+    finally:
+        torch.set_num_threads(before)
