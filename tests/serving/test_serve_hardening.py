@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import torch
 from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.events import Done, Event, Failed, Token
+from adapt_runtime.serving.events import Failed, Token
 from adapt_runtime.serving.sampling import SamplingParams, draw, penalised
 from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
+from scheduler_testing import Collector
 from serve_testing import TEST_DEVICE
 
 import adapt_runtime as ar
@@ -29,36 +30,6 @@ WAIT_S = 60.0
 def loaded() -> tuple[Any, Any]:
     model, tokenizer = ar.load_model("llama", device=TEST_DEVICE)  # ADAPT_TEST_DEVICE=cuda: on the GPU
     return ar.patch(model, rule="hebbian"), tokenizer
-
-
-class Collector:
-    """The scheduler's ``post``: events per job, and a wait for every job to end."""
-
-    def __init__(self) -> None:
-        self.events: dict[int, list[Event]] = {}
-        self._cond = threading.Condition()
-
-    def post(self, batch: list[tuple[Job, Event]]) -> None:
-        with self._cond:
-            for job, event in batch:
-                self.events.setdefault(id(job), []).append(event)
-            self._cond.notify_all()
-
-    def ended(self, job: Job) -> bool:
-        return any(isinstance(e, Done | Failed) for e in self.events.get(id(job), []))
-
-    def wait(self, jobs: list[Job], timeout: float = WAIT_S) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: all(self.ended(j) for j in jobs), timeout):
-                raise AssertionError("a job never ended: the model thread hung or died")
-
-    def outcome(self, job: Job) -> str:
-        ends = [e for e in self.events[id(job)] if isinstance(e, Done | Failed)]
-        assert len(ends) == 1, f"a job must end exactly once, got {ends}"
-        return "done" if isinstance(ends[0], Done) else "failed"
-
-    def tokens(self, job: Job) -> int:
-        return sum(isinstance(e, Token) for e in self.events[id(job)])
 
 
 def _job(rt: Any, tokenizer: Any, text: str = "Once upon a time there was a dog", state: Any = None,

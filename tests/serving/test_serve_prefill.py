@@ -8,7 +8,6 @@ reading each prompt whole (``prefill_chunk=0``).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -16,15 +15,15 @@ import pytest
 import torch
 from adapt_runtime.serving.config import ServerConfig
 from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.events import Done, Event, Failed, PromptScored, Token
+from adapt_runtime.serving.events import Done, Failed, PromptScored, Token
 from adapt_runtime.serving.prefill import PromptReader
 from adapt_runtime.serving.sampling import SamplingParams
 from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
+from scheduler_testing import Collector
 from serve_testing import TEST_DEVICE
 
 import adapt_runtime as ar
 
-WAIT_S = 60.0
 CHUNK = 64
 
 
@@ -55,28 +54,6 @@ class Recording:
     def pieces(self, state: Any) -> list[int]:
         """The widths of the prompt reads of ``state`` (calls of more than one token for it alone)."""
         return [w for ids, w in self.calls if ids == (id(state),) and w > 1]
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: dict[int, list[Event]] = {}
-        self._cond = threading.Condition()
-
-    def post(self, batch: list[tuple[Job, Event]]) -> None:
-        with self._cond:
-            for job, event in batch:
-                self.events.setdefault(id(job), []).append(event)
-            self._cond.notify_all()
-
-    def wait(self, jobs: list[Job]) -> None:
-        def ended() -> bool:
-            return all(any(isinstance(e, Done | Failed) for e in self.events.get(id(j), [])) for j in jobs)
-
-        with self._cond:
-            assert self._cond.wait_for(ended, WAIT_S), "a job never ended"
-
-    def of(self, job: Job, kind: type) -> list:
-        return [e for e in self.events.get(id(job), []) if isinstance(e, kind)]
 
 
 def _ids(n: int, seed: int) -> list[int]:
