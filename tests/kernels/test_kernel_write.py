@@ -87,3 +87,15 @@ def test_write_refuses_non_finite(impl: str, request: pytest.FixtureRequest) -> 
 def test_write_cuda(case: Case, state_dtype: torch.dtype) -> None:
     ratio = GPU_RATIO[case.dtype] if state_dtype == f32 else 2e-2
     _stream(case, "auto", ratio, state_dtype, "cuda")
+
+
+@pytest.mark.parametrize("state_dtype", [f32, bf16], ids=["f32-state", "bf16-state"])
+@pytest.mark.parametrize("gram", [True, False], ids=["gram-norm", "formed-update"])
+def test_write_torch_norm_paths_agree_with_the_twin(gram: bool, state_dtype: torch.dtype,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of taking the write's norm (chosen by shape in ``gram_norm_pays``) write what the twin writes."""
+    from adapt_runtime.kernels import torch_ops
+
+    monkeypatch.setattr(torch_ops, "gram_norm_pays", lambda C, d, f: gram)
+    _stream(Case(3, 24, 40, 72, 8, f32), "torch", TORCH_RATIO[f32] if state_dtype == f32 else 2e-3,
+            state_dtype=state_dtype)
