@@ -34,11 +34,9 @@ class BatchedCache:
     width: int  # Lmax
 
 
-def assemble(states: list[FastWeights], steps: int, device: torch.device,
-             previous: BatchedCache | None = None) -> BatchedCache:
-    """Stack the rows' caches for a call of ``steps`` new tokens per row. ``previous`` (the last call's cache) is
-    accepted and not needed: the rows' own views say whether they continue a buffer in place."""
-    del previous
+def assemble(states: list[FastWeights], steps: int, device: torch.device) -> BatchedCache:
+    """Stack the rows' caches for a call of ``steps`` new tokens per row (the rows' own views say whether they
+    continue a buffer in place)."""
     lengths = [s.kv_len for s in states]
     width = max(lengths)
     cache = DynamicCache()  # full layers only (see the module docstring)

@@ -61,7 +61,6 @@ class Runtime:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._capture = rule.capture | ({FINAL_SCALE} if rule.reads_final_norm else set())
         self._cache_arg = cache_argument(model)
-        self._last_batch = None  # the previous multi-row call's cache, reused by a decode step of the same rows
         # multi-row calls keep each row's S in slot storage (None: stack every row's S per call, as before)
         self.slot_pool: SlotPool | None = SlotPool(self.state_spec)
         self.patched = True
@@ -170,8 +169,7 @@ class Runtime:
 
     def _call_model(self, ids: Tensor, states: list[FastWeights], capture: frozenset[str],
                     grad: bool) -> tuple[Tensor, dict[int, Binding]]:
-        batched = assemble(states, ids.shape[1], self.device, self._last_batch)
-        self._last_batch = None  # drops the previous rows, so that a dropped session frees its slot now
+        batched = assemble(states, ids.shape[1], self.device)
         bindings = self._bind(states, capture, grad)
         try:
             with torch.set_grad_enabled(grad):
@@ -181,7 +179,6 @@ class Runtime:
             for wrapper in self.plastic.values():
                 wrapper.binding = None
         scatter(batched, states)
-        self._last_batch = batched if len(states) > 1 and not grad else None
         for s in states:
             s.kv_tokens += ids.shape[1]
         return out.logits, bindings
