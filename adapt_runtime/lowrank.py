@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from adapt_runtime.kernels.torch_ops import write_norms
 from adapt_runtime.rules import Write
 from adapt_runtime.state import FastWeights
 from adapt_runtime.writes import writes_are_safe
@@ -34,7 +35,7 @@ def fold_write(factors: Factors | None, shape: tuple[int, int], w: Write, decay:
     """``decay S + c U`` truncated to ``rank``; ``c`` clips ``||U||_F`` to ``max_norm``. None for a non-finite write."""
     v = w.V.float() * w.beta.float().unsqueeze(-1)  # [C, d]
     x = w.X.float()  # [C, f]
-    norm = torch.sqrt(((v @ v.T) * (x @ x.T)).sum().clamp_min(0.0))  # ||v^T x||_F by its Gram form
+    norm = write_norms(w.V[None], w.X[None], w.beta[None])[0]  # ||v^T x||_F by its Gram form, as the dense write
     if not bool(torch.isfinite(norm)):
         return None
     scale = 1.0 if max_norm is None or float(norm) <= max_norm else max_norm / max(float(norm), 1e-30)
