@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validate the whole CUDA path on one GPU in one call (sized for < 8 minutes on one H200):
 #   lane 1: tests/kernels (the Triton kernels compiled for the GPU against their naive twins, the torch path on
-#           the GPU), then benchmarks/kernels.py (apply/write/apply_write vs torch baselines at real shapes);
+#           the GPU), then benchmarks/kernel_ops.py (apply/write/apply_write vs torch baselines at real shapes);
 #   lane 2: tests/core with ADAPT_TEST_DEVICE=cuda (the runtime on the GPU; batched rows use the Triton kernels,
 #           which impl="auto" picks on CUDA);
 #   lane 3: tests/serving with ADAPT_TEST_DEVICE=cuda (every test server started with --device cuda).
@@ -38,7 +38,7 @@ lane() {  # lane NAME SECONDS COMMAND...: run COMMAND under a time limit, log to
 PYTEST=(python -m pytest -q -p no:cacheprovider -rfEs)
 (
     lane kernels-tests 150 "${PYTEST[@]}" tests/kernels --junitxml="$OUT/kernels.xml"
-    lane kernels-bench 150 python benchmarks/kernels.py --reps 5 --warmup 2 --no-compile --out "$OUT/kernels.json"
+    lane kernels-bench 150 python benchmarks/kernel_ops.py --reps 5 --warmup 2 --no-compile --out "$OUT/kernels.json"
 ) &
 lane core-tests 420 "${PYTEST[@]}" tests/core --junitxml="$OUT/core.xml" &
 lane serving-tests 420 "${PYTEST[@]}" tests/serving --junitxml="$OUT/serving.xml" &

@@ -9,7 +9,7 @@ baseline. The table gives time, GB/s, TFLOP/s, achieved/roofline, and torch-base
 Without CUDA only the torch implementations run, at shapes divided by ``--cpu-scale`` (Triton's CPU interpreter
 says nothing about speed); the output says so.
 
-    python benchmarks/kernels.py --out bench.json
+    python benchmarks/kernel_ops.py --out bench.json
 """
 
 from __future__ import annotations
