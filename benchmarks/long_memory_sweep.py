@@ -24,14 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_data import DATA_DIR, data_file
 
 import adapt_runtime as ar
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SOURCES = {
-    "tinystories": Path("tinystories") / "tinystories_val.txt",
-    "wikitext2": Path("wikitext2") / "valid.txt",
-}
 TUNE_FRACTION = 0.75
 
 
@@ -95,7 +91,7 @@ def run_episode(rt: ar.Runtime, doc: torch.Tensor, unseen: torch.Tensor, lengths
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", type=Path, default=SHARED)
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder of the shared datasets")
     ap.add_argument("--sources", default="tinystories,wikitext2")
     ap.add_argument("--split", choices=("tune", "heldout"), default="tune")
     ap.add_argument("--rules", default="hebbian,gradient")
@@ -109,6 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
+    paths = {source: data_file(source, args.data_dir) for source in args.sources.split(",")}
     model, tokenizer = ar.load_model("llama")
     rows = []
     print(f"split {args.split}, {args.episodes} episodes per source, window {args.window}, probe {args.probe}; "
@@ -117,7 +114,7 @@ def main() -> None:
           + " | max ‖S‖/‖W0‖ | unseen ≤ fresh |")
     print("|---|---|---|" + "---|" * len(lengths) + "---|---|")
     for source in args.sources.split(","):
-        ids = source_ids(tokenizer, args.data_dir / SOURCES[source], args.split)
+        ids = source_ids(tokenizer, paths[source], args.split)
         eps = episodes(ids, max(lengths), args.probe, args.episodes)
         for rule in args.rules.split(","):
             for text in args.configs:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_data import data_file
 
 import adapt_runtime as ar
 
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_val.txt"
 WINDOW = 448  # 14 chunks of 32, under the bundled model's 512 positions
 
 
@@ -54,9 +54,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    text = data_file("tinystories")
     model, tokenizer = ar.load_model("llama")
     base = copy.deepcopy(model)
-    ids = tokenizer(TEXT.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    ids = tokenizer(text.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     doc, held_out = [tokenizer.bos_token_id, *ids[: args.tokens]], [tokenizer.bos_token_id, *ids[args.tokens :]]
     held_out = held_out[:WINDOW]
     rt = ar.patch(model, rule=args.rule, layers=args.layers, norm_bound=args.norm_bound)

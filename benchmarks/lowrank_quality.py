@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_data import data_file
 from quality import DATASETS, paired, windows
 
 import adapt_runtime as ar
@@ -53,8 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    text = data_file(args.data)
     _, tokenizer = ar.load_model("llama")
-    wins = windows(tokenizer, DATASETS[args.data], 512, args.windows, "test")
+    wins = windows(tokenizer, text, 512, args.windows, "test")
     static, _, _ = run("none", wins, None)
     rows = [{"rule": "none", "rank": None, "nll": sum(static) / len(static), "delta": 0.0, "ci95": 0.0,
              "tok_s": None, "state_bytes": 0}]

@@ -19,15 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_data import SOURCES, data_file
 from tqdm import tqdm
 
 import adapt_runtime as ar
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATASETS = {
-    "tinystories": SHARED / "tinystories" / "tinystories_val.txt",
-    "wikitext2": SHARED / "wikitext2" / "valid.txt",
-}
+DATASETS = tuple(SOURCES)
 
 
 def windows(tokenizer, path: Path, length: int, count: int, split: str) -> list[torch.Tensor]:
@@ -63,7 +60,7 @@ def paired(base: list[float], other: list[float]) -> tuple[float, float, float]:
 
 
 def sweep(tokenizer, count: int) -> list[dict]:
-    wins = windows(tokenizer, DATASETS["tinystories"], 512, count, "tune")
+    wins = windows(tokenizer, data_file("tinystories"), 512, count, "tune")
     base, _ = score("none", wins)
     rows = []
 
@@ -96,8 +93,8 @@ def sweep(tokenizer, count: int) -> list[dict]:
 
 def report(tokenizer, count: int) -> list[dict]:
     rows = []
-    for name, path in DATASETS.items():
-        wins = windows(tokenizer, path, 512, count, "test")
+    for name in DATASETS:
+        wins = windows(tokenizer, data_file(name), 512, count, "test")
         base, base_secs = score("none", wins)
         rows.append({"data": name, "rule": "none", "nll": sum(base) / len(base), "rel": 0.0, "ci95": 0.0,
                      "secs": base_secs, "n": len(wins)})
@@ -122,6 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    for name in ("tinystories",) if args.sweep else DATASETS:
+        data_file(name)  # a missing dataset stops the run here, before any work
     _, tokenizer = ar.load_model("llama")
     rows = sweep(tokenizer, args.windows) if args.sweep else report(tokenizer, args.windows)
     if args.out:
