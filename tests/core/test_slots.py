@@ -173,3 +173,63 @@ def test_pool_gives_back_the_slots_of_dropped_sessions():
         assert _shares(keep[0].S[layer], rt.slot_pool.slabs[layer]) and torch.equal(keep[0].S[layer], values.S[layer])
     rt.slot_pool = None
     assert torch.equal(got, rt.forward(tokens(1, seed=3).repeat(2, 1), [values, rt.new_state()], adapt=False))
+
+
+def test_a_fresh_row_reads_zeros_from_a_slot_a_dropped_session_left():
+    """A dead session's slot still holds its fast weights; a fresh row that takes it must read S = 0 there (the
+    slot is zeroed), so its logits equal those of a fresh state decoded without a pool."""
+    rt = patched("hebbian", chunk_size=4)
+    states = _prefill(rt, 3)
+    _decode(rt, states, 5)
+    pool = rt.slot_pool
+    dead_slots = [pool.slot_of(s) for s in states[1:]]
+    assert all(s.S[layer].abs().sum() > 0 for s in states[1:] for layer in rt.config.layers)  # nonzero S
+    keep = states[:1]
+    values = keep[0].clone()
+    del states
+    gc.collect()
+    fresh = [rt.new_state(), rt.new_state()]
+    ids = torch.stack([tokens(6, seed=60 + i) for i in range(3)])
+    got = torch.cat([rt.forward(ids[:, t : t + 1], keep + fresh) for t in range(6)], dim=1)
+    assert sorted(pool.slot_of(s) for s in fresh) == sorted(dead_slots)  # the dead sessions' slots were reused
+    rt.slot_pool = None
+    stacked = [values, rt.new_state(), rt.new_state()]
+    expected = torch.cat([rt.forward(ids[:, t : t + 1], stacked) for t in range(6)], dim=1)
+    assert torch.equal(got, expected)
+    for a, b in zip(fresh, stacked[1:]):
+        for layer in rt.config.layers:
+            assert (a.S[layer] is None) == (b.S[layer] is None)
+            if a.S[layer] is not None:
+                assert torch.equal(a.S[layer], b.S[layer])
+
+
+def test_trimming_moves_a_kept_session_from_a_high_slot_to_its_new_index():
+    """The kept session sits in slot 3 of 5; after the trim the pool has 2 slots, so its slot index must change
+    and point at the slab row holding its S (values unchanged, logits equal to stacking)."""
+    rt = patched("hebbian", chunk_size=4)
+    states = _prefill(rt, 5)
+    _decode(rt, states, 5)
+    keep = [states[3]]
+    assert rt.slot_pool.slot_of(keep[0]) == 3
+    values = keep[0].clone()
+    del states
+    gc.collect()
+    keep.append(rt.new_state())
+    ids = torch.stack([tokens(6, seed=70 + i) for i in range(2)])
+    got = [rt.forward(ids[:, :1], keep, adapt=False)]
+    pool = rt.slot_pool
+    assert pool.capacity == 2  # 4 of 5 slots were free: trimmed to the live row, then one new slot
+    k = pool.slot_of(keep[0])
+    assert k is not None and 0 <= k < pool.capacity and k != pool.slot_of(keep[1])
+    for layer in rt.config.layers:
+        assert torch.equal(keep[0].S[layer], values.S[layer])
+        assert torch.equal(pool.slabs[layer][k], values.S[layer])  # its slot index points at its own row
+        assert _shares(keep[0].S[layer], pool.slabs[layer])
+    got += [rt.forward(ids[:, t : t + 1], keep) for t in range(1, 6)]  # decoding (and writing) goes on in the slot
+    for layer in rt.config.layers:
+        assert torch.equal(pool.slabs[layer][pool.slot_of(keep[0])], keep[0].S[layer])
+    rt.slot_pool = None
+    stacked = [values, rt.new_state()]
+    expected = [rt.forward(ids[:, :1], stacked, adapt=False)]
+    expected += [rt.forward(ids[:, t : t + 1], stacked) for t in range(1, 6)]
+    assert torch.equal(torch.cat(got, dim=1), torch.cat(expected, dim=1))
