@@ -95,7 +95,7 @@ def check_tensors(tensors: dict[str, Tensor], counters: dict[str, int], rt: Runt
             raise MalformedStateError(f"state file holds an unknown tensor {key!r}")
     for layer, (d, f) in zip(spec.layers, spec.shapes):
         if f"S.{layer}" in tensors:
-            _check_delta(tensors[f"S.{layer}"], layer, (d, f), rt)
+            check_delta(tensors[f"S.{layer}"], layer, (d, f), rt)
     tokens = _ints(tensors, "tokens")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= rt.vocab_size):
         raise MalformedStateError(f"state file tokens must be ids in [0, {rt.vocab_size})")
@@ -108,7 +108,10 @@ def check_tensors(tensors: dict[str, Tensor], counters: dict[str, int], rt: Runt
     _check_kv(tensors, counters["kv_tokens"], n_tokens, rt)
 
 
-def _check_delta(s: Tensor, layer: int, shape: tuple[int, int], rt: Runtime) -> None:
+def check_delta(s: Tensor, layer: int, shape: tuple[int, int], rt: Runtime) -> None:
+    """The fast weight ``s`` of ``layer`` is one this runtime can hold: ``shape`` in the state dtype, finite, every
+    entry within the S bound (see the module docstring); raises ``MalformedStateError``. Every way into a session's S
+    (a state file, an adapter) goes through this check, so that whatever one accepts the other loads again."""
     spec = rt.state_spec
     if tuple(s.shape) != shape or s.dtype != spec.dtype:
         raise MalformedStateError(f"S of layer {layer} is {tuple(s.shape)} {s.dtype}, expected {shape} {spec.dtype}")
