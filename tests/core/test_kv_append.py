@@ -9,7 +9,7 @@ import inspect
 
 import pytest
 import torch
-from core_testing import DEVICE, VOCAB, tiny_model, tokens
+from core_testing import DEVICE, VOCAB, assert_close, tiny_model, tokens
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -201,3 +201,32 @@ def test_spare_capacity_is_bounded():
         spare = capacity_for(n) - n
         assert kv_buffer.SPARE_MIN <= spare <= kv_buffer.SPARE_MAX
         assert spare <= max(kv_buffer.SPARE_MIN, n // 2)
+
+
+@pytest.mark.parametrize("rule", ["none", "hebbian"])
+@pytest.mark.parametrize("subset", [[1, 2], [0, 2], [2, 1]], ids=["rows-1-2", "rows-0-2", "rows-2-1"])
+def test_a_subset_of_a_batch_continues_its_own_rows(rule, subset):
+    """Three rows (9, 3 and 6 tokens) decoded together share one buffer; a later call over only some of them, in
+    any order, must continue each row's own cache: its logits equal each row's copy continued alone."""
+    rt = ar.patch(tiny_model("llama"), rule=rule, chunk_size=4, lr=2.0)
+    states = [rt.new_state() for _ in range(3)]
+    for s, n in zip(states, [9, 3, 6]):
+        rt.forward(tokens(n, seed=n), s)
+    for t in range(3):
+        rt.forward(torch.stack([tokens(3, seed=40 + b)[t : t + 1] for b in range(3)]), states)
+    shared = {storage(s.kv[0][0]) for s in states}
+    assert len(shared) == 1  # the three rows are rows of one buffer
+    chosen = [states[i] for i in subset]
+    alone = [s.clone() for s in chosen]  # not in a buffer: each continues in a copy of its own
+    steps = torch.stack([tokens(5, seed=50 + i) for i in subset])
+    for t in range(steps.shape[1]):
+        got = rt.forward(steps[:, t : t + 1], chosen)
+        for b, s in enumerate(alone):
+            assert_close(got[b : b + 1], rt.forward(steps[b : b + 1, t : t + 1], s), "logits")
+        if subset == [1, 2] and t == 0:  # consecutive rows ending where the buffer is filled: continued in place
+            assert {storage(s.kv[0][0]) for s in chosen} == shared
+    for s, a in zip(chosen, alone):
+        assert s.kv_len == a.kv_len
+        for (k, v), (ka, va) in zip(s.kv, a.kv):
+            assert_close(k, ka, "state")
+            assert_close(v, va, "state")
