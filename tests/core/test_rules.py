@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from core_testing import DEVICE, VOCAB, assert_close, tiny_model, tokens
+from core_testing import DEVICE, VOCAB, assert_close, tiny_model, tokens, tolerance
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -180,6 +180,31 @@ def test_topk_error_target_is_close_to_exact():
     v_exact = exact.targets(logits, labels)["v"]
     v_top = approx.targets(logits, labels)["v"]
     assert (v_top - v_exact).norm() < 0.05 * v_exact.norm()
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_topk_error_target_subtracts_only_the_top_k_probabilities(k):
+    """With ``topk=k`` the error target is ``U[label] - sum over the k most probable tokens of p_j U_j`` (p the full
+    softmax, not renormalised): it differs from the exact target by exactly the tail ``sum_{j not in top k} p_j U_j``,
+    which on unpeaked logits is well above the tolerance."""
+    model = tiny_model()
+    rule = ar.patch(model, rule="hebbian", topk=k, norm_jacobian=False).rule
+    torch.manual_seed(0)
+    logits = torch.randn(4, VOCAB, device=DEVICE)  # not peaked: most of the mass lies outside the top k
+    labels = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    U = model.get_output_embeddings().weight.detach().float()
+    p = logits.softmax(-1)
+    top = torch.zeros_like(p)
+    for n in range(p.shape[0]):
+        ranked = sorted(range(VOCAB), key=lambda j: -float(p[n, j]))[:k]
+        top[n, ranked] = p[n, ranked]
+    # k = 1: the closed form from the top-1 probability alone
+    expected = U[labels] - (p.max(-1).values[:, None] * U[p.argmax(-1)] if k == 1 else top @ U)
+    exact = U[labels] - p @ U
+    v = rule.targets(logits, labels)["v"]
+    assert_close(v, expected, "definition")
+    assert_close(v - exact, (p - top) @ U, "definition")  # the tail left out
+    assert (v - exact).abs().max() > 10 * tolerance("definition")["atol"]  # measurably not the exact target
 
 
 @pytest.mark.parametrize("bad", [{"target": "psychic"}, {"modulation": "loud"}, {"topk": -1}, {"colour": 1}])
