@@ -11,7 +11,6 @@ import click
 from adapt_runtime.serving.cluster.cli_ray import cluster_options, cluster_server
 from adapt_runtime.serving.config import (
     DEFAULT_PREFILL_CHUNK,
-    RULES,
     ServerConfig,
     parse_rule_config,
     read_api_key_file,
@@ -42,11 +41,30 @@ def _seconds(value: str) -> float:
         raise click.BadParameter(f"{value!r} is not a duration like 3600, 30m, 24h or 7d") from None
 
 
+class RuleName(click.ParamType):
+    """A name in the rule registry (``adapt_runtime.rules.RULES`` and its entry-point plugins), read when parsed."""
+
+    name = "rule"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        from adapt_runtime.rules import rule_names
+
+        return "[" + "|".join(rule_names()) + "]"
+
+    def convert(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from adapt_runtime.rules import rule_names
+
+        if value not in rule_names():
+            self.fail(f"{value!r} is not a registered rule (one of {', '.join(rule_names())})", param, ctx)
+        return value
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--model", default="llama", show_default=True,
               help="Model to serve: 'llama' (the bundled stories260K, offline), a local HF directory or a hub id.")
-@click.option("--rule", type=click.Choice(RULES), default="hebbian", show_default=True,
-              help="How each session's fast weights learn while it reads; 'none' serves the plain model.")
+@click.option("--rule", type=RuleName(), default="hebbian", show_default=True,
+              help="How each session's fast weights learn while it reads; 'none' serves the plain model. Any rule "
+                   "in the registry: adapt_runtime.rules.RULES, and packages' 'adapt_runtime.rules' entry points.")
 @click.option("--rule-config", default=None, metavar="JSON",
               help='Rule settings as a JSON object, e.g. \'{"lr": 0.01, "chunk_size": 32, "layers": "last:2"}\'.')
 @click.option("--host", default="127.0.0.1", show_default=True,

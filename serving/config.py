@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RULES = ("hebbian", "gradient", "inplace-ttt", "none")
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per decode step (see benchmarks/prefill_interleave.py)
 
 
@@ -43,8 +42,10 @@ class ServerConfig:
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK  # prompt tokens between two decode steps; 0/None: whole
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(RULES)}")
+        from adapt_runtime.rules import rule_names  # the registry is the one list of rules
+
+        if self.rule not in rule_names():
+            raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(rule_names())}")
         positive = ("max_sessions", "session_memory_budget", "max_request_bytes", "max_concurrent_requests",
                     "max_read_tokens")
         for name in positive:

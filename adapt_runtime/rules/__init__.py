@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from typing import Any
 
 from adapt_runtime.chunk import Chunk
@@ -17,6 +18,18 @@ RULES: dict[str, type[Rule]] = {
     "inplace-ttt": InPlaceTTTRule,
 }
 
+# Installed packages add rules under this entry-point group (``name = "package.module:RuleClass"``), so every
+# process (adapt-serve, its Ray replicas, adapt-eval) finds them by name without importing them first.
+PLUGIN_GROUP = "adapt_runtime.rules"
+
+
+def rule_names() -> tuple[str, ...]:
+    """Every rule name the registry holds: the built-in ones, those registered in ``RULES``, and plugins."""
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        if plugin.name not in RULES:
+            RULES[plugin.name] = plugin.load()
+    return tuple(RULES)
+
 
 def make_rule(rule: str | Rule, **options: Any) -> Rule:
     """A rule object from a name and its options (or the object itself)."""
@@ -24,7 +37,7 @@ def make_rule(rule: str | Rule, **options: Any) -> Rule:
         if options:
             raise ValueError("rule options are given to the rule object's constructor, not to patch()")
         return rule
-    if rule not in RULES:
+    if rule not in RULES and rule not in rule_names():
         raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     try:
         return RULES[rule](**options)
@@ -32,4 +45,16 @@ def make_rule(rule: str | Rule, **options: Any) -> Rule:
         raise ValueError(f"bad options for rule {rule!r}: {err}") from None
 
 
-__all__ = ["RULES", "Chunk", "GradientRule", "HebbianRule", "InPlaceTTTRule", "NoneRule", "Rule", "Write", "make_rule"]
+__all__ = [
+    "PLUGIN_GROUP",
+    "RULES",
+    "Chunk",
+    "GradientRule",
+    "HebbianRule",
+    "InPlaceTTTRule",
+    "NoneRule",
+    "Rule",
+    "Write",
+    "make_rule",
+    "rule_names",
+]
