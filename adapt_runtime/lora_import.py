@@ -3,7 +3,9 @@
 Refused with ``LoraFormatError`` (not a well-formed adapter) or ``LoraIncompatibleError`` (made for another base
 model, targeting modules other than the runtime's plastic down projections or other layers, or using PEFT options
 that a plain delta on W0 cannot represent: DoRA, LoRA bias, modules_to_save, per-module alpha or rank patterns).
-rsLoRA scaling (alpha / sqrt(r)) is supported.
+rsLoRA scaling (alpha / sqrt(r)) is supported. The fast weights an adapter implies pass the same check as the S of
+a state file (``state_validation.check_delta``: finite, every entry within the S bound), so that a session seeded
+from an adapter can always be saved and loaded again; an adapter beyond it is a ``LoraFormatError``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from safetensors.torch import load as st_load
 from torch import Tensor
 
+from adapt_runtime.errors import MalformedStateError
 from adapt_runtime.lora_format import (
     CONFIG_NAME,
     FACTORS,
@@ -33,6 +36,7 @@ from adapt_runtime.lora_format import (
 )
 from adapt_runtime.plastic import PlasticDown
 from adapt_runtime.state import FastWeights
+from adapt_runtime.state_validation import check_delta
 
 if TYPE_CHECKING:
     from adapt_runtime.runtime import Runtime
@@ -48,6 +52,8 @@ def _parse_config(data: bytes) -> dict[str, Any]:
         config = json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:
         raise LoraFormatError(f"{CONFIG_NAME} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise LoraFormatError(f"{CONFIG_NAME} is nested too deeply to be an adapter config") from None
     if not isinstance(config, dict):
         raise LoraFormatError(f"{CONFIG_NAME} must hold a JSON object")
     if "peft_type" not in config:
@@ -64,11 +70,19 @@ def _parse_config(data: bytes) -> dict[str, Any]:
                                     "supported")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise LoraFormatError(f"{CONFIG_NAME}: {key} must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite_positive(value):
+            raise LoraFormatError(f"{CONFIG_NAME}: {key} must be a finite positive number, got {str(value)[:40]}")
     if int(config["r"]) != config["r"]:
         raise LoraFormatError(f"{CONFIG_NAME}: r must be an integer, got {config['r']!r}")
     return config
+
+
+def _finite_positive(value: int | float) -> bool:
+    try:
+        number = float(value)  # a JSON integer of hundreds of digits overflows a float
+    except OverflowError:
+        return False
+    return math.isfinite(number) and number > 0
 
 
 def _layer_index(key: str, layers_pattern: Any) -> int | None:
@@ -159,7 +173,7 @@ def _load_weights(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
         return tensors, {}
     try:
         hashes = json.loads(meta[METADATA_KEY]).get("w0_sha256") or {}
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         raise LoraFormatError(f"{WEIGHTS_NAME}: the {METADATA_KEY} metadata is not a JSON object") from None
     if not isinstance(hashes, dict):
         raise LoraFormatError(f"{WEIGHTS_NAME}: w0_sha256 in the {METADATA_KEY} metadata is not an object")
@@ -199,7 +213,7 @@ def lora_from_files(rt: Runtime, config_bytes: bytes, weights_bytes: bytes) -> F
             raise LoraFormatError(f"the adapter has weights for {module!r} but its target_modules do not name it")
         factors.setdefault(module, {})[factor] = tensor
     r = int(config["r"])
-    scale = float(config["lora_alpha"]) / (math.sqrt(r) if config.get("use_rslora") else r)
+    scale = float(config["lora_alpha"]) / (math.sqrt(r) if config.get("use_rslora") else r)  # finite: r >= 1
     spec = rt.state_spec
     state = rt.new_state()
     for module, pair in factors.items():
@@ -219,9 +233,14 @@ def lora_from_files(rt: Runtime, config_bytes: bytes, weights_bytes: bytes) -> F
                                   f"have the config's rank r={r}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise LoraFormatError(f"module {module!r} holds non-finite weights")
-        S = (B.to(torch.float64) @ A.to(torch.float64)) * scale
+        S = ((B.to(torch.float64) @ A.to(torch.float64)) * scale).to(device=spec.device, dtype=spec.dtype)
+        try:  # the S a state file could hold, checked as a state import checks it (overflow is non-finite here)
+            check_delta(S, layer, (d, f), rt)
+        except MalformedStateError as err:
+            raise LoraFormatError(f"module {module!r}: the fast weights (alpha/r) B A of the adapter (lora_alpha "
+                                  f"{config['lora_alpha']:g}, r {r}) are refused: {err}") from None
         if bool(S.any()):
-            state.S[layer] = S.to(device=spec.device, dtype=spec.dtype)
+            state.S[layer] = S
     state.bump()
     return state
 

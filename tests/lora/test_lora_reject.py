@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import adapt_runtime as ar
 from adapt_runtime.lora import LoraFormatError, LoraIncompatibleError
+from adapt_runtime.state_file import state_to_bytes
 
 PREFIX = "base_model.model.model.layers"
 
@@ -59,6 +60,15 @@ def _scale_nan(t: dict) -> None:
     t[f"{PREFIX}.0.mlp.down_proj.lora_A.weight"][0, 0] = float("nan")
 
 
+def _factors(value: float, layer: int = 0):
+    """Every entry of one layer's lora_A and lora_B set to ``value``: S = (alpha/r) B A has entries r * value^2."""
+    def change(t: dict) -> None:
+        for factor in "AB":
+            t[f"{PREFIX}.{layer}.mlp.down_proj.lora_{factor}.weight"].fill_(value)
+
+    return change
+
+
 def _wider(t: dict) -> None:
     key = f"{PREFIX}.1.mlp.down_proj.lora_A.weight"
     t[key] = torch.cat([t[key], t[key][:, :4]], dim=1)
@@ -93,6 +103,15 @@ MALFORMED = {
     "missing-lora-b": dict(weights=_drop(f"{PREFIX}.2.mlp.down_proj.lora_B.weight")),
     "not-a-peft-key": dict(weights=_add("model.layers.0.mlp.down_proj.lora_A.weight", (4, 172))),
     "non-finite": dict(weights=_scale_nan),
+    "infinite-factor": dict(weights=lambda t: t[f"{PREFIX}.1.mlp.down_proj.lora_B.weight"].fill_(float("inf"))),
+    # S = (alpha/r) B A must pass the bound a state import puts on S (state_validation.check_delta)
+    "factors-1e19": dict(weights=_factors(1e19)),  # S of r * 1e38: inf in float32
+    "factors-1e3": dict(weights=_factors(1e3, layer=4)),  # S of r * 1e6 = 6.4e7: finite, above the 1e5 bound
+    "factors-3e38-alpha-1e308": dict(config=_set(lora_alpha=1e308), weights=_factors(3e38)),  # B A * scale: inf
+    "alpha-1e308": dict(config=_set(lora_alpha=1e308)),
+    "alpha-infinite": dict(config=_set(lora_alpha=float("inf"))),  # json.dumps writes Infinity, json.loads reads it
+    "alpha-overflows-a-float": dict(config=_set(lora_alpha=10**400)),
+    "rank-infinite": dict(config=_set(r=float("inf"))),
 }
 
 
@@ -177,3 +196,33 @@ def test_a_zero_state_exports_a_rank_one_zero_adapter_that_imports_as_zero(expor
     info = ar.export_lora(rt, rt.new_state(), tmp_path)
     assert info.rank == 1 and set(info.numerical_rank.values()) == {0}
     assert ar.import_lora(rt, tmp_path).is_zero
+
+
+def test_an_adapter_just_inside_the_s_bound_imports_and_its_state_loads_again(exported, tmp_path) -> None:
+    """What an adapter import acknowledges is what a state import accepts: a session seeded from an adapter can
+    always be saved and loaded again (the bound refused a restart's load before import checked it)."""
+    rt, _, good = exported
+    r = json.loads((good / "adapter_config.json").read_text())["r"]
+    inside = variant(good, tmp_path, weights=_factors((0.9e5 / r) ** 0.5, layer=4))
+    state = ar.import_lora(rt, inside)
+    assert 0.8e5 < float(state.S[4].abs().max()) <= 1e5
+    again = ar.state_from_bytes(state_to_bytes(state), rt)
+    assert torch.equal(again.S[4], state.S[4])
+    shutil.rmtree(inside)
+    outside = variant(good, tmp_path, weights=_factors((1.1e5 / r) ** 0.5, layer=4))
+    with pytest.raises(LoraFormatError, match=r"model\.layers\.4\.mlp\.down_proj.*bound"):
+        ar.import_lora(rt, outside)
+
+
+@pytest.mark.parametrize("shape", ["list", "object"])
+def test_a_deeply_nested_config_is_malformed(exported, tmp_path, shape: str) -> None:
+    rt, _, good = exported
+    broken = variant(good, tmp_path)
+    depth = 100_000
+    nested = "[" * depth + "]" * depth if shape == "list" else '{"a":' * depth + "1" + "}" * depth
+    (broken / "adapter_config.json").write_text(nested)
+    with pytest.raises(LoraFormatError, match="adapter_config.json"):
+        ar.import_lora(rt, broken)
+    deep_meta = {"format": "pt", "adapt_runtime": '{"w0_sha256":' + "[" * depth + "]" * depth + "}"}
+    with pytest.raises(LoraFormatError, match="adapt_runtime"):
+        ar.import_lora(rt, variant(good, tmp_path / "meta", weights=lambda t: None, metadata=deep_meta))
