@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import lzma
 import re
+import struct
 import zipfile
+import zlib
 from typing import Annotated, Any
 
 from adapt_runtime.serving.context import ctx_of, principal_of
@@ -55,6 +58,13 @@ def zip_adapter(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+# What reading a damaged or hostile zip can raise: bad headers (BadZipFile, struct.error, ValueError), a damaged
+# deflate, bzip2 or LZMA stream (zlib.error, OSError, LZMAError), a truncated one (EOFError), an unknown method
+# (NotImplementedError) or the encryption flag (RuntimeError, "password required"); each is a bad archive, a 400.
+_BAD_ZIP = (zipfile.BadZipFile, struct.error, ValueError, OSError, EOFError, RuntimeError, zlib.error,
+            lzma.LZMAError)
+
+
 def _invalid(message: str) -> APIError:
     return APIError(400, message, "invalid_adapter")
 
@@ -67,7 +77,7 @@ def unzip_adapter(data: bytes, limit: int) -> tuple[bytes, bytes]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         entries = [info for info in archive.infolist() if not info.is_dir()]
-    except (zipfile.BadZipFile, ValueError, OSError) as err:
+    except _BAD_ZIP as err:
         raise _invalid(f"the body is not a zip archive: {err}") from None
     found: dict[str, zipfile.ZipInfo] = {}
     for info in entries:
@@ -86,8 +96,8 @@ def unzip_adapter(data: bytes, limit: int) -> tuple[bytes, bytes]:
         try:
             with archive.open(found[name]) as member:
                 content = member.read(limit + 1)
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as err:
-            raise _invalid(f"cannot read {name} from the zip: {err}") from None
+        except _BAD_ZIP as err:
+            raise _invalid(f"cannot read {name} from the zip (a damaged archive): {err}") from None
         if len(content) > limit:
             raise APIError(413, f"{name} unpacks to more than {limit} bytes, larger than any adapter of this model",
                            "request_too_large")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import zipfile
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from serve_testing import KEY_A, KEY_B, MODEL, Server, assert_envelope
 
 import adapt_runtime as ar
@@ -115,3 +118,56 @@ def test_another_key_gets_404_for_the_adapter_routes(server: Server) -> None:
         assert_envelope(http.get(f"/v1/sessions/{sid}/adapter"), 404, "session_not_found")
         assert_envelope(http.put(f"/v1/sessions/{sid}/adapter", content=good), 404, "session_not_found")
         assert_envelope(http.get("/v1/sessions/never-made/adapter"), 404, "session_not_found")
+
+
+def with_factors(good: dict[str, bytes], value: float, **config) -> dict[str, bytes]:
+    """The adapter with every entry of its factors set to ``value`` (S = (alpha/r) B A: r * value^2)."""
+    tensors = st_load(good["adapter_model.safetensors"])
+    for tensor in tensors.values():
+        tensor.fill_(value)
+    settings = {**json.loads(good["adapter_config.json"]), **config}
+    return {"adapter_config.json": json.dumps(settings).encode(), "adapter_model.safetensors": st_save(tensors)}
+
+
+def corrupt_stream(content: dict[str, bytes], method: int, skip: int) -> bytes:
+    """A zip of ``content`` compressed with ``method`` whose config's stream is damaged ``skip`` bytes into its
+    data (a deflate block of the reserved type 3; an LZMA range coder that does not start with 0)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=method) as archive:
+        for name, data in content.items():
+            archive.writestr(name, data)
+    data = bytearray(buffer.getvalue())
+    info = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("adapter_config.json")
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + skip
+    data[start : start + 4] = b"\xff\xff\xff\xff"
+    return bytes(data)
+
+
+def test_adapters_beyond_the_s_bound_or_damaged_are_400_and_the_session_still_serves(server: Server) -> None:
+    """S = (alpha/r) B A is checked as a state import checks S (huge factors or alpha would make every later turn
+    a 500, and 1e3 factors a session that cannot load after a restart); a damaged archive or a config nested too
+    deep is a bad adapter, not a 500."""
+    sid = server.new_session()
+    read(server, sid)
+    url = f"/v1/sessions/{sid}/adapter"
+    with server.http() as http:
+        good = files(http.get(url).content)
+        before = score(server, sid)
+        huge = with_factors(good, 1e19)  # S of r * 1e38: inf in float32
+        above = with_factors(good, 1e3)  # S of r * 1e6: finite, above the bound of a state import
+        alpha = with_factors(good, 1.0, lora_alpha=1e308)
+        for bad, why in ((huge, "non-finite"), (above, "above the bound"), (alpha, "non-finite")):
+            assert why in assert_envelope(http.put(url, content=zipped(bad)), 400, "invalid_adapter")["message"]
+        for nested in ("[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000):
+            assert_envelope(http.put(url, content=zipped({**good, "adapter_config.json": nested.encode()})), 400,
+                            "invalid_adapter")
+        assert_envelope(http.put(url, content=corrupt_stream(good, zipfile.ZIP_DEFLATED, 0)), 400, "invalid_adapter")
+        assert_envelope(http.put(url, content=corrupt_stream(good, zipfile.ZIP_LZMA, 9)), 400, "invalid_adapter")
+        assert score(server, sid) == before
+        again = http.put(url, content=zipped(good))  # the session's own export still imports
+        assert again.status_code == 200, again.text
+    assert score(server, sid) == pytest.approx(before, abs=1e-4)
+    out = server.client().completions.create(model=MODEL, prompt="Lily", max_tokens=2, temperature=0,
+                                             extra_headers={"X-Session-ID": sid})
+    assert out.choices[0].text is not None
