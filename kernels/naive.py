@@ -33,11 +33,15 @@ def write_naive(
     beta: Tensor | None = None,
     decay: float = 1.0,
     max_norm: Tensor | None = None,
+    erase: float = 0.0,
 ) -> Tensor:
-    """``S[s] = decay * S[s] + scale * V^T diag(beta) X`` per slot (see ``adapt_runtime.kernels.write``)."""
+    """``S[s] = decay * S[s] + scale * (V - erase X S[s]^T)^T diag(beta) X`` per slot (see
+    ``adapt_runtime.kernels.write``); ``erase = 0`` is the plain write, ``erase != 0`` the delta form."""
     norms = torch.empty(slots.numel(), dtype=torch.float32, device=S.device)
     for r in range(slots.numel()):
         v, x = V[r].double(), X[r].double()
+        if erase:
+            v = v - erase * (x @ S[int(slots[r])].double().T)  # what the old S retrieves at each key
         if beta is not None:
             v = v * beta[r].double()[:, None]
         update = v.T @ x  # [d, f]

@@ -107,11 +107,14 @@ def apply(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor | None
 
 
 def write(S: Tensor, slots: Tensor, V: Tensor, X: Tensor, beta: Tensor | None = None, decay: float = 1.0,
-          max_norm: Tensor | None = None, *, impl: Impl = "auto") -> Tensor:
-    """In place, for each row r: ``S[slots[r]] = decay * S[slots[r]] + scale_r * V_r^T diag(beta_r) X_r``.
+          max_norm: Tensor | None = None, erase: float = 0.0, *, impl: Impl = "auto") -> Tensor:
+    """In place, for each row r: ``S[slots[r]] = decay * S[slots[r]] + scale_r * U_r`` with the write
+    ``U_r = V_r'^T diag(beta_r) X_r``, ``V_r' = V_r - erase * X_r S[slots[r]]^T`` (the old S).
 
-    ``scale_r = min(1, max_norm_r / ||U_r||_F)`` is the Frobenius clip. A row whose write norm is not finite
-    leaves its slot untouched (neither decayed nor written).
+    ``erase = 0`` is the plain write ``V^T diag(beta) X``; ``erase = 1`` the delta rule (DeltaNet): each target less
+    what S already retrieves at its key, so a key written again overwrites rather than adds (``erase = decay``
+    retrieves from the decayed S, as gated DeltaNet). ``scale_r = min(1, max_norm_r / ||U_r||_F)`` is the Frobenius
+    clip. A row whose write norm is not finite leaves its slot untouched (neither decayed nor written).
 
     Args:
         S: `[N, d, f]` fast weights (float32 or bfloat16), updated in place.
@@ -119,6 +122,7 @@ def write(S: Tensor, slots: Tensor, V: Tensor, X: Tensor, beta: Tensor | None = 
         V: `[R, C, d]` targets; X: `[R, C, f]` keys; beta: `[R, C]` per-token rates or None (all ones).
         decay: factor on the old S of each written slot.
         max_norm: `[R]` absolute Frobenius bounds, or None (no clip).
+        erase: the delta form's factor on the retrieval ``X S^T`` (0: the plain write).
 
     Returns:
         `[R]` float32 norms of the unclipped writes (non-finite where a write was refused).
@@ -133,9 +137,10 @@ def write(S: Tensor, slots: Tensor, V: Tensor, X: Tensor, beta: Tensor | None = 
     if max_norm is not None and max_norm.shape != slots.shape:
         raise ValueError(f"max_norm must be [R] = {tuple(slots.shape)}, got {tuple(max_norm.shape)}")
     _check_device(S, slots, V, X, beta, max_norm)
+    erase = float(erase)
     if _resolve(impl, S, V, X) == "triton":
-        return _triton("write_triton", S.device).write_triton(S, slots, V, X, beta, decay, max_norm)
-    return torch_ops.write_torch(S, slots, V, X, beta, decay, max_norm)
+        return _triton("write_triton", S.device).write_triton(S, slots, V, X, beta, decay, max_norm, erase)
+    return torch_ops.write_torch(S, slots, V, X, beta, decay, max_norm, erase)
 
 
 def apply_write(y: Tensor, x: Tensor, S: Tensor, slot: int, V: Tensor, beta: Tensor | None = None,

@@ -98,6 +98,16 @@ def gram_norm_pays(C: int, d: int, f: int) -> bool:
     return 4 * C * (d + f) <= d * f
 
 
+def delta_targets(S: Tensor, slots: Tensor, V: Tensor, X: Tensor, erase: float) -> Tensor:
+    """The delta form's targets `[R, C, d]` float32, ``V_r - erase * X_r S[slots[r]]^T``: each target less what the
+    old S already retrieves at its key (one product per row with its own slot; no gather of the slots)."""
+    acc = torch.promote_types(S.dtype, torch.float32)
+    out = V.float().clone()
+    for r, slot in enumerate(slots.tolist()):
+        out[r].sub_((X[r].to(acc) @ S[slot].to(acc).T).float(), alpha=erase)
+    return out
+
+
 def write_torch(
     S: Tensor,
     slots: Tensor,
@@ -106,7 +116,10 @@ def write_torch(
     beta: Tensor | None = None,
     decay: float = 1.0,
     max_norm: Tensor | None = None,
+    erase: float = 0.0,
 ) -> Tensor:
+    if erase:
+        V = delta_targets(S, slots, V, X, erase)
     v = V.float() if beta is None else V.float() * beta.float().unsqueeze(-1)
     if gram_norm_pays(V.shape[1], S.shape[1], S.shape[2]):
         # the norm from the Gram products, so a float32 slot is written by one addmm_ in place (one read and one

@@ -1,4 +1,5 @@
-"""``write`` against its naive twin over a stream of chunks: decay, beta, Frobenius clip, refused writes."""
+"""``write`` against its naive twin over a stream of chunks: decay, beta, Frobenius clip, refused writes, and the
+delta form (``erase``: targets less what the old S retrieves)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ GPU_CASES = [
 ]
 
 
-def _stream(case: Case, impl: str, ratio: float, state_dtype: torch.dtype = f32, device: str = "cpu") -> None:
-    """B sessions write T tokens in chunks of C; rows are clipped to half the first chunk's norm, decay 0.9."""
+def _stream(case: Case, impl: str, ratio: float, state_dtype: torch.dtype = f32, device: str = "cpu",
+            erase: float = 0.0) -> None:
+    """B sessions write T tokens in chunks of C; rows are clipped to half the first chunk's norm, decay 0.9;
+    ``erase``: the delta form."""
     torch.manual_seed(0)
     B, T, d, f, C, dtype = case
     S_ref = state(B + 1, d, f, state_dtype, device)  # slot B: never written, slot B + 1: NaN
@@ -38,8 +41,8 @@ def _stream(case: Case, impl: str, ratio: float, state_dtype: torch.dtype = f32,
     max_norm = None
     for start in range(0, T, C):
         chunk = slice(start, start + C)
-        ref = write_naive(S_ref, slots, V[:, chunk], X[:, chunk], beta[:, chunk], 0.9, max_norm)
-        out = write(S_out, slots, V[:, chunk], X[:, chunk], beta[:, chunk], 0.9, max_norm, impl=impl)
+        ref = write_naive(S_ref, slots, V[:, chunk], X[:, chunk], beta[:, chunk], 0.9, max_norm, erase)
+        out = write(S_out, slots, V[:, chunk], X[:, chunk], beta[:, chunk], 0.9, max_norm, erase, impl=impl)
         assert_close("norms", ref, out, ratio)
         if max_norm is None:  # clip from the second chunk on, every other row
             max_norm = torch.where(torch.arange(B, device=device) % 2 == 0, 0.5 * ref, 1e9)
@@ -99,3 +102,63 @@ def test_write_torch_norm_paths_agree_with_the_twin(gram: bool, state_dtype: tor
     monkeypatch.setattr(torch_ops, "gram_norm_pays", lambda C, d, f: gram)
     _stream(Case(3, 24, 40, 72, 8, f32), "torch", TORCH_RATIO[f32] if state_dtype == f32 else 2e-3,
             state_dtype=state_dtype)
+
+
+DELTA_CASES = [Case(1, 9, 40, 72, 9, f32), Case(3, 40, 24, 136, 20, f32), Case(2, 21, 40, 72, 7, f16)]
+
+
+@pytest.mark.parametrize("case", params(DELTA_CASES))
+@pytest.mark.parametrize("erase", [1.0, 0.45])
+def test_write_delta_triton(case: Case, erase: float, interpreter: None) -> None:
+    _stream(case, "triton", RATIO[case.dtype], erase=erase)
+
+
+@pytest.mark.parametrize("case", params(DELTA_CASES))
+@pytest.mark.parametrize("gram", [True, False], ids=["gram-norm", "formed-update"])
+def test_write_delta_torch(case: Case, gram: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapt_runtime.kernels import torch_ops
+
+    needs_device()
+    monkeypatch.setattr(torch_ops, "gram_norm_pays", lambda C, d, f: gram)
+    _stream(case, "torch", TORCH_RATIO[case.dtype], device=DEVICE, erase=1.0)
+
+
+def test_write_delta_triton_bf16_state(interpreter: None) -> None:
+    _stream(Case(2, 20, 40, 72, 10, f32), "triton", 1e-2, state_dtype=bf16, erase=1.0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_write_delta_is_the_delta_rule(impl: str, request: pytest.FixtureRequest) -> None:
+    """The delta form with one key of unit norm and rate 1 stores exactly ``v`` at that key (what S retrieved there
+    before is replaced, not added to), and leaves directions orthogonal to the key alone."""
+    if impl == "triton":
+        request.getfixturevalue("interpreter")
+    torch.manual_seed(0)
+    S = state(1, 40, 72)
+    x = torch.randn(72)
+    x = x / x.norm()
+    v = torch.randn(40)
+    other = torch.randn(72)
+    other = other - (other @ x) * x
+    before = S[0].clone()
+    write(S, torch.tensor([0]), v[None, None], x[None, None], torch.ones(1, 1), 1.0, None, 1.0, impl=impl)
+    torch.testing.assert_close(S[0] @ x, v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(S[0] @ other, before @ other, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy matmul
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_write_delta_refuses_non_finite(impl: str, request: pytest.FixtureRequest) -> None:
+    """The delta form refuses a row with non-finite inputs as the plain form does: its slot stays bit for bit."""
+    if impl == "triton":
+        request.getfixturevalue("interpreter")
+    torch.manual_seed(0)
+    S = state(2, 40, 72)
+    V, X = torch.randn(2, 5, 40), torch.randn(2, 5, 72)
+    X[1, 3, 2] = float("inf")
+    before = S.clone()
+    ref = write_naive(before.clone(), torch.tensor([0, 1]), V, X, None, 0.9, None, 1.0)
+    norms = write(S, torch.tensor([0, 1]), V, X, None, 0.9, None, 1.0, impl=impl)
+    assert norms[0].isfinite() and not norms[1].isfinite()
+    assert torch.equal(S[1], before[1])
+    assert_close("norm", ref[0], norms[0], RATIO[f32])
