@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import re
 import threading
+from typing import Any
 
 import httpx
 import pytest
+from adapt_runtime.serving import guard
 from adapt_runtime.serving.app import router as main_router
-from adapt_runtime.serving.guard import PUBLIC_PATHS
+from adapt_runtime.serving.guard import PUBLIC_PATHS, ApiKeys, Guard
 from adapt_runtime.serving.session_routes import router as session_router
-from serve_testing import KEY_A, MODEL, Server, assert_envelope
+from serve_testing import KEY_A, KEY_B, MODEL, Server, assert_envelope
 
 MAX_BODY = 4096
 MAX_SESSIONS = 3
@@ -154,3 +159,54 @@ def test_too_many_concurrent_requests_is_429(server: Server) -> None:
     assert_envelope(response, 429, "server_overloaded")
     assert int(response.headers["retry-after"]) > 0
     assert len(streams) == 2
+
+
+def _guarded_request(authorization: str) -> httpx.Response:
+    """One request, in-process, through the ``Guard`` in front of an app that answers 200 with the principal."""
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        body = scope["state"]["principal"].encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": body})
+
+    guarded = Guard(app, ApiKeys((KEY_A, KEY_B)), lambda _: MAX_BODY)
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=guarded)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await http.post("/v1/completions", json={}, headers={"Authorization": authorization})
+
+    return asyncio.run(go())
+
+
+def test_api_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No response can show whether keys are compared with ``==`` (which leaks timing) or with
+    ``hmac.compare_digest``: the comparison itself is watched. Every configured key is compared (no early exit),
+    as SHA-256 digests, and the answer follows what ``compare_digest`` says."""
+    configured = (KEY_A, KEY_B)
+    digest = {key: hashlib.sha256(key.encode()).digest() for key in (*configured, "wrong-key")}
+    calls: list[tuple[bytes, bytes]] = []
+    verdict: dict[str, Any] = {"override": None}
+    real = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        calls.append((bytes(a), bytes(b)))
+        return real(a, b) if verdict["override"] is None else verdict["override"]
+
+    monkeypatch.setattr(guard.hmac, "compare_digest", recording)
+    if hasattr(guard, "compare_digest"):  # also when the guard imports the function itself
+        monkeypatch.setattr(guard, "compare_digest", recording)
+
+    accepted = _guarded_request(f"Bearer {KEY_A}")
+    assert accepted.status_code == 200 and accepted.text
+    assert sorted(calls) == sorted((digest[KEY_A], digest[key]) for key in configured)
+
+    calls.clear()
+    assert _guarded_request("Bearer wrong-key").status_code == 401
+    assert sorted(calls) == sorted((digest["wrong-key"], digest[key]) for key in configured)
+
+    calls.clear()
+    verdict["override"] = False  # compare_digest decides: a valid key it does not match is refused
+    assert _guarded_request(f"Bearer {KEY_A}").status_code == 401
+    assert len(calls) == len(configured)
