@@ -33,7 +33,7 @@ log = logging.getLogger("adapt_serve")
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> dict:
     """200 while the model thread runs; 503 once it is gone (every generation would hang)."""
     if not ctx_of(request).engine.scheduler.alive:
@@ -78,8 +78,7 @@ async def tokenize(request: Request, body: TokenizeRequest) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of prompt or messages", "invalid_request", "prompt")
     if body.messages is not None:
-        chat = ChatCompletionRequest(messages=body.messages)
-        ids = await off_loop(text_size(body.messages), chat_prompt, ctx, chat)
+        ids = await off_loop(text_size(body.messages), chat_prompt, ctx, body.messages, True)
     else:
         text = body.prompt or ""
         ids = await off_loop(len(text), ctx.engine.encode, text, body.add_special_tokens)
@@ -162,8 +161,11 @@ def build_app(ctx: ServerContext) -> Any:
     ctx.metrics.watch_sessions(ctx.store.counts, ctx.store.resident_bytes)
     state_limit = max(ctx.config.max_request_bytes, _state_bytes_bound(ctx.engine.rt))
 
+    def binary_body(path: str) -> bool:
+        return is_state_route(path) or is_adapter_route(path)
+
     def body_limit(path: str) -> int:
-        return state_limit if is_state_route(path) or is_adapter_route(path) else ctx.config.max_request_bytes
+        return state_limit if binary_body(path) else ctx.config.max_request_bytes
 
     return Guard(app, ApiKeys(ctx.config.api_keys), body_limit, read_timeout=ctx.config.read_timeout,
-                 send_timeout=ctx.config.send_timeout)
+                 send_timeout=ctx.config.send_timeout, json_body=lambda path: not binary_body(path))

@@ -8,41 +8,43 @@ from adapt_runtime.serving.detokenize import Detokenizer
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import PromptScored, Token
 from adapt_runtime.serving.generation import Generation, respond
-from adapt_runtime.serving.protocol import ChatCompletionRequest
+from adapt_runtime.serving.protocol import ChatCompletionRequest, ChatMessage
 from adapt_runtime.serving.read_routes import split_long_prompt
 from adapt_runtime.serving.scheduler import Job
-from adapt_runtime.serving.turn import Turn, start_turn
+from adapt_runtime.serving.turn import Turn, session_id_of, start_turn
 from fastapi import Request
 from starlette.responses import Response
 
 
-def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
-    text, add_special = ctx.template.render(body.messages, body.add_generation_prompt)
+def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """The token ids of ``messages`` through the chat template (chat completions and ``/tokenize``)."""
+    text, add_special = ctx.template.render(messages, add_generation_prompt)
     return ctx.engine.encode(text, add_special_tokens=add_special)
 
 
 async def create_chat_completion(ctx: ServerContext, request: Request, body: ChatCompletionRequest) -> Response:
     ctx.check_model(body.model)
-    ids = await off_loop(text_size(body.messages), chat_prompt, ctx, body)
+    ids = await off_loop(text_size(body.messages), chat_prompt, ctx, body.messages, body.add_generation_prompt)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     long = split_long_prompt(ctx, request, body, ids, requested)
     ids = ids if long is None else long.tail
     max_tokens = requested if requested is not None else max(ctx.engine.max_len - len(ids), 0)
     ctx.engine.check_length(len(ids), max_tokens)
     ctx.check_work(body.n, len(ids) + body.n * max_tokens)
+    if session_id_of(request, body.session_id) is not None and body.n > 1:
+        raise APIError(400, "a session turn takes n = 1; fork the session for alternatives",
+                       "invalid_session_request", "n")
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling(body, max_tokens, k)
+
     def plan(turn: Turn) -> list:
         if long is not None:
             long.prepare(turn)
-        if turn.session is not None and body.n > 1:
-            raise APIError(400, "a session turn takes n = 1; fork the session for alternatives",
-                           "invalid_session_request", "n")
         return [ctx.engine.plan(turn.state, ids, False, max_tokens)]
 
     turn, planned = await start_turn(ctx, request, body.session_id, body.adapt, plan)
-    if long is not None:
-        await long.read(ctx, turn)
+    if long is not None and not await long.read(ctx, turn, request):
+        return Response(status_code=499)
     job = Job(planned, body.n, params, body.adapt, ctx.engine.stop_ids(body.stop_token_ids, body.ignore_eos),
               emit=lambda _: None)
     fmt = ChatFormat(ctx.engine.detok, k)

@@ -53,6 +53,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class SlowClient(Exception):
+    """The client left a response unread for longer than the send timeout (raised by the guard's send)."""
+
+
+def is_slow_client(exc: BaseException) -> bool:
+    """Whether ``exc`` is a SlowClient, alone or in an exception group (a stream's task group wraps it)."""
+    return isinstance(exc, SlowClient) or any(is_slow_client(e) for e in getattr(exc, "exceptions", ()))
+
+
 def envelope(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -99,6 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+        if not is_slow_client(exc):  # a dropped slow client is no fault: the guard logs it as one WARNING line
+            log.exception("unhandled error")
         headers = {"x-should-retry": "false"}
         return APIError(500, f"internal error: {type(exc).__name__}", "internal_error", headers=headers).response()

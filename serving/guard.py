@@ -5,7 +5,9 @@ It is one middleware, not a per-route dependency, so a route added later cannot 
 all configured keys (no early exit); a presented key is read as UTF-8, as clients send it. The caller's
 principal is a hash of its key, stored in ``scope["state"]["principal"]``; the key itself is never stored or
 logged. Slow clients are cut off: the body must arrive within ``read_timeout`` (408), and a response the client
-leaves unread for ``send_timeout`` is dropped, so its concurrency slot and session come back.
+leaves unread for ``send_timeout`` is dropped (one WARNING line), so its concurrency slot and session come back.
+A JSON body nested deeper than ``MAX_JSON_DEPTH`` is refused (400 ``json_too_deep``) before any parser or model
+walks it: Python's parser and validators recurse, and a body near the recursion limit would end as a 500.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from adapt_runtime.serving.errors import envelope_bytes
+from adapt_runtime.serving.errors import SlowClient, envelope_bytes, is_slow_client
 
 log = logging.getLogger("adapt_serve")
 PUBLIC_PATHS = frozenset({"/health"})
 ANONYMOUS = "anonymous"
+MAX_JSON_DEPTH = 64  # arrays and objects inside one another; a real request nests fewer than 10
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a string's brackets are text, not nesting
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -74,13 +81,18 @@ def _bearer(scope: Scope) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-class SlowClient(Exception):
-    """The client left a response unread for longer than the send timeout."""
-
-
-def _slow_client(exc: BaseException) -> bool:
-    """Whether ``exc`` is a SlowClient, alone or in an exception group (a stream's task group wraps it)."""
-    return isinstance(exc, SlowClient) or any(_slow_client(e) for e in getattr(exc, "exceptions", ()))
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``body``, read as JSON, nests arrays and objects more than ``limit`` deep (brackets in strings do
+    not count). Linear in the body; a body with no more than ``limit`` opening brackets is not even scanned.
+    Malformed JSON may count wrongly, which is harmless: the parser refuses it anyway."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    for byte in _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", body)):
+        depth += _DEPTH_STEP[byte]
+        if depth > limit:
+            return True
+    return False
 
 
 async def _within(work: Awaitable[Any], seconds: float | None) -> Any:
@@ -105,10 +117,13 @@ class Guard:
     """ASGI middleware: authentication, then the body-size limit (413), then the app."""
 
     def __init__(self, app: Any, keys: ApiKeys, body_limit: Callable[[str], int], read_timeout: float | None = None,
-                 send_timeout: float | None = None) -> None:
+                 send_timeout: float | None = None, json_body: Callable[[str], bool] = lambda _: True) -> None:
+        """``body_limit(path)``: the largest body a path takes; ``json_body(path)``: whether its body is JSON (the
+        nesting limit applies; a binary body, such as a state file, is not scanned)."""
         self.app = app
         self.keys = keys
         self.body_limit = body_limit
+        self.json_body = json_body
         self.read_timeout = read_timeout
         self.send_timeout = send_timeout
 
@@ -136,13 +151,18 @@ class Guard:
             return
         if chunks is None:
             return
+        body = b"".join(chunks)
+        if self.json_body(path) and json_too_deep(body):
+            await _reject(send, 400, f"the JSON body nests arrays and objects more than {MAX_JSON_DEPTH} deep",
+                          "json_too_deep")
+            return
         replayed = False
 
         async def replay() -> dict[str, Any]:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         async def timed_send(message: dict[str, Any]) -> None:
@@ -154,7 +174,7 @@ class Guard:
         try:
             await self.app(scope, replay, send if self.send_timeout is None else timed_send)
         except Exception as exc:
-            if not _slow_client(exc):
+            if not is_slow_client(exc):
                 raise
             log.warning("dropped a response to %s: the client read nothing for %g s", path, self.send_timeout)
 

@@ -139,8 +139,20 @@ class TokenizeRequest(_ValidText):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # as chat completions take them
     add_special_tokens: bool = True
+
+
+class ReadRequest(_ValidText):
+    """``POST /v1/sessions/{id}/read``: a document as text or token ids (its text checked like a prompt's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] | None = None
+    window: int | None = Field(None, ge=1, description="tokens per context window (default: the context)")
+    add_special_tokens: bool = Field(True, description="tokenize text with the tokenizer's BOS")
+    stream: bool = False
 
 
 class DetokenizeRequest(BaseModel):

@@ -40,6 +40,8 @@ def decode_state(data: bytes, rt: Any) -> Any:
         raise APIError(409, str(err), "session_incompatible") from None
     except ar.StateFileError as err:
         raise APIError(400, str(err), "invalid_state") from None
+    except RecursionError:  # the safetensors header is JSON; nested deep, its parser recurses past the limit
+        raise APIError(400, "state file is corrupt: its header nests too deep", "invalid_state") from None
 
 
 @router.post("/v1/sessions", status_code=201)
