@@ -15,7 +15,7 @@ from adapt_runtime.serving.protocol import CompletionRequest
 from adapt_runtime.serving.read_routes import split_long_prompt
 from adapt_runtime.serving.sampling import SamplingParams
 from adapt_runtime.serving.scheduler import Job
-from adapt_runtime.serving.turn import Turn, start_turn
+from adapt_runtime.serving.turn import Turn, session_id_of, start_turn
 from fastapi import Request
 from starlette.responses import Response
 
@@ -59,19 +59,20 @@ async def create_completion(ctx: ServerContext, request: Request, body: Completi
         ctx.engine.check_length(len(ids), max_tokens)
     choices = len(prompts) * body.n
     ctx.check_work(choices, sum(len(ids) for ids, _ in prompts) + choices * max_tokens)
+    if session_id_of(request, body.session_id) is not None and (len(prompts) > 1 or body.n > 1):
+        raise APIError(400, "a session turn takes one prompt and n = 1; fork the session for alternatives",
+                       "invalid_session_request", "n" if body.n > 1 else "prompt")
     params = sampling(body, max_tokens, body.logprobs)
+
     def plan(turn: Turn) -> list:
         if long is not None:
             long.prepare(turn)
-        if turn.session is not None and (len(prompts) > 1 or body.n > 1):
-            raise APIError(400, "a session turn takes one prompt and n = 1; fork the session for alternatives",
-                           "invalid_session_request", "n" if body.n > 1 else "prompt")
-        states = [turn.state] if turn.session is not None else [ctx.engine.rt.new_state() for _ in prompts]
+        states = [turn.state] if turn.session_id is not None else [ctx.engine.rt.new_state() for _ in prompts]
         return [ctx.engine.plan(s, ids, body.echo, max_tokens) for s, (ids, _) in zip(states, prompts)]
 
     turn, planned = await start_turn(ctx, request, body.session_id, body.adapt, plan)
-    if long is not None:
-        await long.read(ctx, turn)
+    if long is not None and not await long.read(ctx, turn, request):
+        return Response(status_code=499)
     job = Job(planned, body.n, params, body.adapt, ctx.engine.stop_ids(body.stop_token_ids, body.ignore_eos),
               emit=lambda _: None)
     fmt = CompletionFormat(ctx.engine.detok, prompts, body.echo, body.logprobs)

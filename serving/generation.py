@@ -101,7 +101,7 @@ class Generation:
         self._last_token = now
 
     def extras(self) -> dict[str, Any]:
-        if self.turn.session is None:
+        if self.turn.session_id is None:
             return {}
         return {"session_id": self.turn.session_id, "adaptation": self.turn.adaptation(self.final_state)}
 
@@ -127,7 +127,7 @@ async def respond(gen: Generation, request: Request, stream: bool, options: Stre
             ctx.metrics.disconnects.inc()
             return Response(status_code=499)
         first = opened[0]
-        headers = {SESSION_HEADER: gen.turn.session_id} if gen.turn.session is not None else {}
+        headers = {SESSION_HEADER: gen.turn.session_id} if gen.turn.session_id is not None else {}
         if stream:
             handed_off = True
             body = _sse(gen, parts, first, options or StreamOptions())
@@ -212,7 +212,7 @@ async def _sse(gen: Generation, parts: AsyncIterator[dict], first: dict | None,
         head = json.dumps(gen.header(gen.fmt.chunk_object), ensure_ascii=False)[:-1]
         if first is not None:
             chunk = {**gen.header(gen.fmt.chunk_object), "choices": [first]}
-            if gen.turn.session is not None:
+            if gen.turn.session_id is not None:
                 chunk["session_id"] = gen.turn.session_id
             if include:
                 chunk["usage"] = gen.usage() if options.continuous_usage_stats else None

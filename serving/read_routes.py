@@ -18,33 +18,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from adapt_runtime.serving.context import ServerContext, ctx_of, off_loop
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import Failed, PromptScored
 from adapt_runtime.serving.generation import _race_disconnect, as_api_error
+from adapt_runtime.serving.protocol import ReadRequest
 from adapt_runtime.serving.sampling import SamplingParams
 from adapt_runtime.serving.scheduler import Job, Prompt
 from adapt_runtime.serving.turn import SESSION_HEADER, Turn, session_id_of, start_turn
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from adapt_runtime.read import DEFAULT_MAX_WINDOW, ReadResult, mean_or_nan, window_spans
 
 router = APIRouter()
 _SCORE_ONLY = SamplingParams(max_tokens=0, logprobs=0)
-
-
-class ReadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]] | None = None
-    window: int | None = Field(None, ge=1, description="tokens per context window (default: the context)")
-    add_special_tokens: bool = Field(True, description="tokenize text with the tokenizer's BOS")
-    stream: bool = False
 
 
 def read_window(ctx: ServerContext, requested: int | None) -> int:
@@ -188,17 +178,29 @@ class LongPrompt:
         """Before planning the tail: no KV, so the tail is read whole after the overflow."""
         turn.state.drop_kv()
 
-    async def read(self, ctx: ServerContext, turn: Turn) -> None:
-        """Read the overflow into the turn's state (on the model thread); on failure give the turn back."""
+    async def read(self, ctx: ServerContext, turn: Turn, request: Request) -> bool:
+        """Read the overflow into the turn's state (on the model thread), raced against the client leaving as
+        generation is: False when it left (the read is cancelled at once). On failure or a client gone, the turn
+        is given back (rolled back) and the admission left."""
         try:
-            reading = DocumentRead(ctx, turn, self.overflow, read_window(ctx, None))
-            async for _ in reading.windows():
-                pass
-            turn.state.drop_kv()
+            done = await _race_disconnect(self._read(ctx, turn), request)
         except BaseException:
             await turn.close()
             ctx.leave()
             raise
+        if done is None:
+            ctx.metrics.disconnects.inc()
+            await turn.close()
+            ctx.leave()
+            return False
+        return True
+
+    async def _read(self, ctx: ServerContext, turn: Turn) -> bool:
+        reading = DocumentRead(ctx, turn, self.overflow, read_window(ctx, None))
+        async for _ in reading.windows():
+            pass
+        turn.state.drop_kv()
+        return True
 
 
 def split_long_prompt(ctx: ServerContext, request: Request, body: Any, ids: list[int],

@@ -130,9 +130,12 @@ class SessionStore:
 
     async def create(self, owner: str, metadata: dict[str, str] | None = None, state: Any = None,
                      sid: str | None = None) -> Session:
-        """A new session of ``owner``: a server-made id, or ``sid`` (the caller checked it is free)."""
+        """A new session of ``owner``: a server-made id, or ``sid`` (409 if another request made it meanwhile)."""
         if len(self._sessions) >= self.max_sessions:
             await self.reap()
+        if sid is not None and (owner, sid) in self._sessions:
+            raise APIError(409, f"session {sid} was just created by another request; retry", "session_busy",
+                           "session_id", {"Retry-After": "1"})
         if len(self._sessions) >= self.max_sessions:
             raise retry_later(429, f"the server holds its maximum of {self.max_sessions} sessions; delete some",
                               "session_limit_reached", 5)

@@ -3,6 +3,11 @@
 A turn works on a clone of the session's committed state. ``finish`` commits the clone (unless the request
 said ``"adapt": false``) and ends the turn; ``close`` ends it without committing, which is the rollback for
 errors and disconnects. The committed state is never touched while the turn runs.
+
+An unknown session id (with ``--auto-create-sessions``) is created only for a request that will run and write:
+``start_turn`` plans the request on a fresh state first and creates the session after the plan was accepted, so
+a refused request leaves no session, no file and no quota use. An ``"adapt": false`` request on an unknown id
+runs on a fresh state (the unknown session's memory is empty), names the id in its response, and creates nothing.
 """
 
 from __future__ import annotations
@@ -31,17 +36,33 @@ def session_id_of(request: Request, body_id: str | None) -> str | None:
 
 
 class Turn:
-    def __init__(self, ctx: ServerContext, session: Session | None, state: Any, adapt: bool) -> None:
+    def __init__(self, ctx: ServerContext, session: Session | None, state: Any, adapt: bool,
+                 unknown: tuple[str, str] | None = None) -> None:
+        """``unknown``: (owner, id) of a session that does not exist yet (``claim`` creates it)."""
         self.ctx = ctx
         self.session = session
         self.state = state
         self.adapt = adapt
         self.committed = False
+        self.unknown = unknown
         self._open = session is not None
 
     @property
     def session_id(self) -> str | None:
-        return None if self.session is None else self.session.id
+        """The session the request named (one not created, for an ``"adapt": false`` request, included)."""
+        if self.session is not None:
+            return self.session.id
+        return None if self.unknown is None else self.unknown[1]
+
+    async def claim(self) -> None:
+        """Create the unknown session this turn will commit to, and take it, keeping the planned working state (a
+        fresh one, as the new session's is). Nothing to do for a known session or an ``"adapt": false`` turn."""
+        if self.unknown is None or not self.adapt:
+            return
+        owner, sid = self.unknown
+        session = await self.ctx.store.create(owner, sid=sid)
+        await self.ctx.store.acquire(session)
+        self.session, self.unknown, self._open = session, None, True
 
     async def finish(self, final_state: Any) -> None:
         """The turn completed: commit its state (when adapting) and free the session."""
@@ -66,8 +87,9 @@ class Turn:
 
 
 async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, adapt: bool) -> Turn:
-    """Resolve the session and take the turn: an unknown id is created in the caller's namespace with
-    ``--auto-create-sessions`` (the default), else 404; 409 if the session is in another turn."""
+    """Resolve the session and take the turn; 409 if the session is in another turn. An unknown id is 404 without
+    ``--auto-create-sessions``; with it (the default), the turn holds a fresh state and the id, and ``claim``
+    creates the session in the caller's namespace."""
     sid = session_id_of(request, body_id)
     if sid is None:
         return Turn(ctx, None, ctx.engine.rt.new_state(), adapt)
@@ -77,7 +99,7 @@ async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, a
     except APIError as err:
         if err.code != "session_not_found" or not ctx.config.auto_create_sessions:
             raise
-        session = await ctx.store.create(owner, sid=sid)
+        return Turn(ctx, None, ctx.engine.rt.new_state(), adapt, unknown=(owner, sid))  # created by ``claim``
     committed = await ctx.store.acquire(session)
     try:
         working = committed.clone()
@@ -89,8 +111,9 @@ async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, a
 
 async def start_turn(ctx: ServerContext, request: Request, body_id: str | None, adapt: bool,
                      plan: Callable[[Turn], T]) -> tuple[Turn, T]:
-    """Admit a request, open its turn and plan its work with ``plan(turn)``; if any step fails, what was
-    taken is given back (the turn closed, the admission left) before the error propagates."""
+    """Admit a request, open its turn, plan its work with ``plan(turn)``, then create the session the turn
+    names if it is new (so a plan that refuses the request creates nothing); if any step fails, what was taken
+    is given back (the turn closed, the admission left) before the error propagates."""
     ctx.admit()
     try:
         turn = await open_turn(ctx, request, body_id, adapt)
@@ -98,7 +121,9 @@ async def start_turn(ctx: ServerContext, request: Request, body_id: str | None, 
         ctx.leave()
         raise
     try:
-        return turn, plan(turn)
+        planned = plan(turn)
+        await turn.claim()
+        return turn, planned
     except BaseException:
         await turn.close()
         ctx.leave()
