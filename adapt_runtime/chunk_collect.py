@@ -29,8 +29,8 @@ def labelled(pending: PendingChunk) -> int:
 
 def labels_of(state: FastWeights, next_token: int) -> Tensor:
     """Next-token labels `[n]` of the pending positions (the stream, then ``next_token`` past its end)."""
-    stream = state.tokens
-    labels = [stream[p + 1] if p + 1 < len(stream) else next_token for p in state.pending.positions]
+    stream, offset, seen = state.tokens, state.tokens_offset, state.tokens_seen
+    labels = [stream[p + 1 - offset] if p + 1 < seen else next_token for p in state.pending.positions]
     return torch.tensor(labels, dtype=torch.long, device=state.spec.device)
 
 
@@ -91,7 +91,9 @@ def finished(rule: Rule, state: FastWeights, next_token: int, lr: float, graph: 
     x, grads = rows("x"), {}
     if rule.needs_grad:
         x, grads = gradients(graph if graph is not None else recompute(call, state), labels, layers)
-    tokens = torch.tensor([state.tokens[p] for p in pending.positions], dtype=torch.long, device=labels.device)
+    offset = state.tokens_offset
+    tokens = torch.tensor([state.tokens[p - offset] for p in pending.positions], dtype=torch.long,
+                          device=labels.device)
     targets = {name: pending.target(name) for name in list(pending.targets) if name != FINAL_SCALE}
     return Chunk(layers=layers, x=x, labels=labels, tokens=tokens, lr=lr, y=rows("y"), h=rows("h"),
                  targets={k: v for k, v in targets.items() if v is not None},

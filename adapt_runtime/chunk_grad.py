@@ -61,8 +61,18 @@ Call = Callable[[Tensor, list[FastWeights], frozenset, bool], "tuple[Tensor, dic
 
 def recompute(call: Call, s: FastWeights) -> ChunkGraph:
     """The pending chunk's forward again, with grad, on the KV prefix before it and the same S (``call`` is the
-    runtime's model call: ids, states, capture, grad -> logits and bindings)."""
-    first = s.pending.positions[0]
+    runtime's model call: ids, states, capture, grad -> logits and bindings).
+
+    It re-reads the pending positions' span of the stream alone, ``[first, last]``: at most one chunk, whatever
+    the stream holds after it (tokens fed with ``adapt=False``, or a forged state), since the logits of those
+    positions depend on nothing later. A span longer than one chunk is refused: no row's write may cost more
+    than one chunk's forward and backward on the model thread."""
+    positions = s.pending.positions
+    first, last = positions[0], positions[-1]
+    if last - first + 1 > s.spec.chunk_size:
+        raise RuntimeError(f"pending positions [{first}, {last}] span more than one chunk of {s.spec.chunk_size}; "
+                           "refusing to recompute them")
+    ids_list = s.token_span(first, last + 1)
     back = s.tokens_seen - first
     keep = max(0, s.kv_len - back)
     tmp = FastWeights(s.spec)
@@ -71,7 +81,7 @@ def recompute(call: Call, s: FastWeights) -> ChunkGraph:
         tmp.kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in s.kv]
         tmp.kv_tokens = keep
     device = s.spec.device
-    ids = torch.tensor([s.tokens[first:]], device=device)
+    ids = torch.tensor([ids_list], device=device)
     logits, bindings = call(ids, [tmp], frozenset({"x"}), True)
     with autograd_on():
         rows = torch.tensor([p - first for p in s.pending.positions], device=device)

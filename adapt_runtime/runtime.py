@@ -140,6 +140,7 @@ class Runtime:
         out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).float()
         for b, s in enumerate(states):
             s.last_logits = out[b, -1].clone()  # a copy: callers may edit the returned logits in place
+            s.compact()  # the stream keeps what its KV cache and pending chunk cover (bounded memory)
         return out
 
     def _rows(self, input_ids, state) -> tuple[Tensor, list[FastWeights]]:

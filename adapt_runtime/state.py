@@ -12,6 +12,18 @@ from torch import Tensor
 from adapt_runtime.pending import PendingChunk
 
 _VERSIONS = itertools.count(1)
+# Resident bytes of one stream position held in a Python list (``tokens``, ``pending.positions``): the list's
+# 8-byte slot and the int object it points to (28 bytes on 64-bit CPython; ids below 257 are shared, counted anyway).
+POSITION_BYTES = 36
+
+
+def retained_start(tokens_seen: int, kv_len: int, pending: PendingChunk, chunk_size: int) -> int:
+    """The first stream position a state still needs: the first its KV cache covers, or the start of its pending
+    chunk if that is earlier."""
+    keep = tokens_seen - kv_len
+    if len(pending):
+        keep = min(keep, pending.chunk * chunk_size, pending.positions[0])
+    return keep
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,12 @@ class FastWeights:
         S: per plastic layer, the `[d, f]` delta, or None while it is zero (nothing written yet).
         pending: the rows captured for the current incomplete chunk.
         kv: per attention layer ``(keys, values)`` `[1, H, L, D]`, or None when empty.
-        tokens: every token id fed so far (the session's stream).
+        tokens: the retained tail of the session's stream: the token ids from absolute position
+            ``tokens_offset`` on. A state keeps what it can still read: the tokens its KV cache covers (a request
+            that extends them computes only its suffix) and those of its pending chunk (the write's labels and the
+            gradient rule's recompute); older ones are dropped by ``compact`` so a stream's memory stays bounded.
+        tokens_offset: absolute stream position of ``tokens[0]`` (chunks stay absolute: ``tokens_seen`` counts
+            every token fed).
         last_logits: `[V]` logits after the last fed token, or None.
         writes, refused_writes: counters of fired writes and of writes refused for non-finite values.
         version: bumped on every change of S (lets a runtime cache ``W0 + S``).
@@ -47,6 +64,7 @@ class FastWeights:
         self.pending = PendingChunk()
         self.kv: list[tuple[Tensor, Tensor]] | None = None
         self.tokens: list[int] = []
+        self.tokens_offset = 0
         self.last_logits: Tensor | None = None
         self.writes = 0
         self.refused_writes = 0
@@ -60,7 +78,24 @@ class FastWeights:
 
     @property
     def tokens_seen(self) -> int:
-        return len(self.tokens)
+        """Every token fed so far (the absolute length of the stream, retained or not)."""
+        return self.tokens_offset + len(self.tokens)
+
+    def token_span(self, start: int, stop: int) -> list[int]:
+        """The ids at absolute stream positions ``[start, stop)``; raises if part of it is no longer retained."""
+        if start < self.tokens_offset or stop > self.tokens_seen or start > stop:
+            raise IndexError(f"stream positions [{start}, {stop}) are outside the retained tokens "
+                             f"[{self.tokens_offset}, {self.tokens_seen})")
+        return self.tokens[start - self.tokens_offset : stop - self.tokens_offset]
+
+    def compact(self) -> None:
+        """Drop the stream's tokens that nothing reads any more: keep those the KV cache covers and those from the
+        start of the pending chunk on (its labels, and the gradient rule's recompute of the chunk)."""
+        keep = retained_start(self.tokens_seen, self.kv_len, self.pending, self.spec.chunk_size)
+        drop = keep - self.tokens_offset
+        if drop > 0:
+            del self.tokens[:drop]
+            self.tokens_offset = keep
 
     @property
     def kv_len(self) -> int:
@@ -72,11 +107,15 @@ class FastWeights:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: S, the pending chunk and the KV cache."""
+        """Bytes held: S (or its factors), the pending chunk, the KV cache, the last logits and the retained
+        stream (``POSITION_BYTES`` per token and per pending position)."""
         total = sum(s.numel() * s.element_size() for s in self.S.values() if s is not None)
         total += sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
         if self.kv:
             total += sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
+        if self.last_logits is not None:
+            total += self.last_logits.numel() * self.last_logits.element_size()
+        total += POSITION_BYTES * (len(self.tokens) + len(self.pending.positions))
         return total + self.pending.nbytes
 
     def delta(self, layer: int, create: bool = False) -> Tensor | None:
@@ -93,9 +132,11 @@ class FastWeights:
         return {k: 0.0 if s is None else float(torch.linalg.vector_norm(s.float())) for k, s in self.S.items()}
 
     def drop_kv(self) -> None:
-        """Forget the attention cache. S, the pending chunk and the stream stay; positions restart at 0."""
+        """Forget the attention cache. S, the pending chunk and the stream's length stay; positions restart at 0.
+        The tokens only the cache needed are dropped (``compact``)."""
         self.kv = None
         self.kv_tokens = 0
+        self.compact()
 
     def reset(self) -> None:
         """Back to a fresh state: S = 0, no stream, no KV, counters at 0."""
@@ -104,6 +145,7 @@ class FastWeights:
         self.pending.clear()
         self.kv = None
         self.tokens = []
+        self.tokens_offset = 0
         self.last_logits = None
         self.writes = self.refused_writes = 0
         self.kv_tokens = 0
@@ -116,7 +158,7 @@ class FastWeights:
         copy.factors = {k: (b.clone(), a.clone()) for k, (b, a) in self.factors.items()}
         copy.pending = self.pending.clone()
         copy.kv = None if self.kv is None else [(k.clone(), v.clone()) for k, v in self.kv]
-        copy.tokens = list(self.tokens)
+        copy.tokens, copy.tokens_offset = list(self.tokens), self.tokens_offset
         copy.last_logits = None if self.last_logits is None else self.last_logits.clone()
         copy.writes, copy.refused_writes = self.writes, self.refused_writes
         copy.kv_tokens = self.kv_tokens

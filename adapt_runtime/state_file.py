@@ -12,7 +12,7 @@ from safetensors.torch import save as st_save
 
 from adapt_runtime.atomic import atomic_write
 from adapt_runtime.errors import IncompatibleStateError, MalformedStateError, StateFileError
-from adapt_runtime.state import FastWeights
+from adapt_runtime.state import FastWeights, retained_start
 from adapt_runtime.state_validation import check_compatible, check_tensors, header_metadata, read_counters
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def state_to_bytes(state: FastWeights, include_kv: bool = True, extra_metadata: 
         "state_dtype": str(spec.dtype).removeprefix("torch."),
         "counters": json.dumps(
             {"writes": state.writes, "refused_writes": state.refused_writes, "pending_chunk": state.pending.chunk,
-             "kv_tokens": state.kv_len if include_kv else 0}
+             "kv_tokens": state.kv_len if include_kv else 0, "tokens_offset": state.tokens_offset}
         ),
     }
     clash = set(extra_metadata or {}) & set(metadata)
@@ -86,7 +86,6 @@ def state_from_bytes(data: bytes, rt: Runtime) -> FastWeights:
     for layer in spec.layers:
         if f"S.{layer}" in tensors:
             state.S[layer] = tensors[f"S.{layer}"].to(spec.device)
-    state.tokens = tensors["tokens"].tolist()
     state.pending.load_tensors({k: v.to(spec.device) for k, v in tensors.items() if k.startswith("pending.")
                                 and k != "pending.positions"})
     state.pending.positions = tensors["pending.positions"].tolist()
@@ -98,6 +97,11 @@ def state_from_bytes(data: bytes, rt: Runtime) -> FastWeights:
         state.kv = [(tensors[f"kv.{i}.k"].to(spec.device), tensors[f"kv.{i}.v"].to(spec.device))
                     for i in range(n_kv)]
         state.kv_tokens = counters["kv_tokens"]
+    # the stream's tail that the KV cache and the pending chunk read (a file may hold more: older files hold every
+    # token); the rest is not kept, so a session's memory is what ``nbytes`` counts (see ``FastWeights.compact``)
+    tokens, offset = tensors["tokens"], counters["tokens_offset"]
+    start = max(offset, retained_start(offset + tokens.numel(), state.kv_len, state.pending, spec.chunk_size))
+    state.tokens, state.tokens_offset = tokens[start - offset :].tolist(), start
     state.writes, state.refused_writes = counters["writes"], counters["refused_writes"]
     state.bump()
     return state

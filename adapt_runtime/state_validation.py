@@ -14,18 +14,28 @@ Bounds on magnitudes (finite is not enough: a finite S of 3e38 overflows the fir
   leaves a margin of ~400x over that and refuses forged magnitudes (3e38) long before a matmul can overflow.
 * KV entries, pending rows and targets, ``last_logits``: ``max|x| <= MAX_ACTIVATION`` (1e6). Activations of trained
   models stay far below (outlier features reach the 1e3-1e4 range), and larger keys overflow attention scores.
+* Counters and positions: integers in ``[0, MAX_POSITION]`` (2^40, about 1.1e12 tokens: days of a whole server's
+  throughput in one session); ``writes + refused_writes`` at most the chunks the stream has completed (one write,
+  or one refusal, per chunk).
+
+The pending chunk must be the stream's current chunk: its positions lie in chunk ``pending_chunk`` and the stream
+has not gone past that chunk's end. The gradient rule recomputes the pending chunk when it completes; a pending
+chunk left behind a long stream would have cost a recompute of the whole stream (``chunk_grad.recompute`` is also
+bounded to one chunk on its own).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from adapt_runtime.errors import IncompatibleStateError, MalformedStateError
+from adapt_runtime.plastic import FINAL_SCALE
 
 if TYPE_CHECKING:
     from adapt_runtime.runtime import Runtime
@@ -33,7 +43,9 @@ if TYPE_CHECKING:
 
 MAX_DELTA_ABS = 1e5
 MAX_ACTIVATION = 1e6
+MAX_POSITION = 2**40
 COUNTERS = ("writes", "refused_writes", "pending_chunk", "kv_tokens")
+OPTIONAL_COUNTERS = {"tokens_offset": 0}  # files written before streams were compacted hold every token
 # Rule options that name where something was read from rather than how the rule behaves (moving a checkpoint
 # folder does not change a state's meaning; the values read from it are options of their own).
 LOCATION_OPTIONS = frozenset({"checkpoint"})
@@ -54,6 +66,7 @@ def check_compatible(meta: dict[str, str], spec: StateSpec) -> None:
     _same(meta, "chunk_size", str(spec.chunk_size), "the chunk size")
     _same(meta, "state_dtype", str(spec.dtype).removeprefix("torch."), "the state dtype")
     _same(meta, "fingerprint", spec.fingerprint, "the base model fingerprint")  # last: it also covers the layers
+    _check_shapes(meta, spec)
     try:
         options = json.loads(meta["config"])["options"]
     except (KeyError, TypeError, ValueError):
@@ -68,20 +81,37 @@ def check_compatible(meta: dict[str, str], spec: StateSpec) -> None:
                 f"the runtime has {expected.get(name)!r}")
 
 
+def _check_shapes(meta: dict[str, str], spec: StateSpec) -> None:
+    """The ``shapes`` metadata states the runtime's ``(d, f)`` per plastic layer (a file of this model cannot
+    hold others: a different value is a forgery, not another configuration)."""
+    try:
+        shapes = json.loads(meta["shapes"])
+    except (KeyError, TypeError, ValueError):
+        raise MalformedStateError("state file metadata has no readable 'shapes'") from None
+    expected = [list(shape) for shape in spec.shapes]
+    if shapes != expected or not all(type(n) is int for shape in shapes for n in shape):
+        raise MalformedStateError(f"state file metadata 'shapes' is {meta['shapes'][:200]!r}, but the plastic "
+                                  f"layers {list(spec.layers)} of this model have the shapes {expected}")
+
+
 def read_counters(meta: dict[str, str]) -> dict[str, int]:
-    """The counters of the metadata, each an integer (``pending_chunk`` >= -1, the others >= 0)."""
+    """The counters of the metadata, each an integer in ``[0, MAX_POSITION]`` (``pending_chunk`` may be -1)."""
     try:
         counters = json.loads(meta["counters"])
     except (KeyError, TypeError, ValueError):
         raise MalformedStateError("state file metadata has no readable 'counters'") from None
     if not isinstance(counters, dict):
         raise MalformedStateError("state file metadata: 'counters' is not an object")
+    unknown = sorted(set(counters) - set(COUNTERS) - set(OPTIONAL_COUNTERS))
+    if unknown:
+        raise MalformedStateError(f"state file holds unknown counters {unknown[:5]}")
     out = {}
-    for name in COUNTERS:
-        value = counters.get(name)
-        if type(value) is not int or value < (-1 if name == "pending_chunk" else 0):
-            raise MalformedStateError(f"state file counter {name!r} is {value!r}, expected an integer >= "
-                                      f"{-1 if name == 'pending_chunk' else 0}")
+    for name in (*COUNTERS, *OPTIONAL_COUNTERS):
+        value = counters.get(name, OPTIONAL_COUNTERS.get(name))
+        low = -1 if name == "pending_chunk" else 0
+        if type(value) is not int or not low <= value <= MAX_POSITION:
+            raise MalformedStateError(f"state file counter {name!r} is {value!r}, expected an integer in "
+                                      f"[{low}, {MAX_POSITION}]")
         out[name] = value
     return out
 
@@ -99,13 +129,21 @@ def check_tensors(tensors: dict[str, Tensor], counters: dict[str, int], rt: Runt
     tokens = _ints(tensors, "tokens")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= rt.vocab_size):
         raise MalformedStateError(f"state file tokens must be ids in [0, {rt.vocab_size})")
-    n_tokens = tokens.numel()
+    offset = counters["tokens_offset"]
+    n_tokens = offset + tokens.numel()  # the stream's length; the file holds its tail from ``offset`` on
+    if n_tokens > MAX_POSITION:
+        raise MalformedStateError(f"state file stream of {n_tokens} tokens is longer than {MAX_POSITION}")
+    chunks = n_tokens // spec.chunk_size
+    if counters["writes"] + counters["refused_writes"] > chunks:
+        raise MalformedStateError(f"state file counts {counters['writes']} writes and {counters['refused_writes']} "
+                                  f"refused writes for a stream of {n_tokens} tokens, which completed {chunks} "
+                                  f"chunks of {spec.chunk_size} (one write or refusal per chunk)")
     if "last_logits" in tensors:
         _values(tensors["last_logits"], "last_logits", (rt.vocab_size,))
         if not n_tokens:
             raise MalformedStateError("state file has last_logits but no tokens")
-    _check_pending(tensors, counters["pending_chunk"], n_tokens, rt)
-    _check_kv(tensors, counters["kv_tokens"], n_tokens, rt)
+    _check_pending(tensors, counters["pending_chunk"], offset, n_tokens, rt)
+    _check_kv(tensors, counters["kv_tokens"], tokens.numel(), rt)
 
 
 def check_delta(s: Tensor, layer: int, shape: tuple[int, int], rt: Runtime) -> None:
@@ -147,7 +185,7 @@ def _values(t: Tensor, key: str, shape: tuple[int | None, ...]) -> None:
         raise MalformedStateError(f"state file tensor {key!r} has values above {MAX_ACTIVATION:g}")
 
 
-def _check_pending(tensors: dict[str, Tensor], chunk: int, n_tokens: int, rt: Runtime) -> None:
+def _check_pending(tensors: dict[str, Tensor], chunk: int, offset: int, n_tokens: int, rt: Runtime) -> None:
     spec, C = rt.state_spec, rt.state_spec.chunk_size
     positions = _ints(tensors, "pending.positions").tolist()
     n = len(positions)
@@ -160,6 +198,13 @@ def _check_pending(tensors: dict[str, Tensor], chunk: int, n_tokens: int, rt: Ru
             or positions[-1] >= min((chunk + 1) * C, n_tokens):
         raise MalformedStateError(f"state file pending positions must increase within chunk {chunk} "
                                   f"([{chunk * C}, {(chunk + 1) * C})) and the {n_tokens} tokens")
+    if n_tokens > (chunk + 1) * C:
+        raise MalformedStateError(f"state file pending chunk {chunk} (positions [{chunk * C}, {(chunk + 1) * C})) "
+                                  f"is not the stream's current chunk: the stream holds {n_tokens} tokens, so its "
+                                  f"current chunk is {(n_tokens - 1) // C}")
+    if positions[0] < offset:
+        raise MalformedStateError(f"state file pending positions start at {positions[0]}, before the first token it "
+                                  f"holds (position {offset})")
     dims = {"x": 1, "y": 0, "h": 0}
     for name in sorted(rt.rule.capture):
         for layer, shape in zip(spec.layers, spec.shapes):
@@ -168,14 +213,55 @@ def _check_pending(tensors: dict[str, Tensor], chunk: int, n_tokens: int, rt: Ru
                 raise MalformedStateError(f"state file is incomplete: no {key!r} for its {n} pending positions")
             _values(tensors[key], key, (n, shape[dims.get(name, 0)]))
             rows.discard(key)
-    d = spec.shapes[0][0]
     for key in sorted(rows):
         if not key.startswith("pending.target."):
             raise MalformedStateError(f"state file holds pending rows {key!r} that the rule does not capture")
-        t = tensors[key]
-        _values(t, key, (None,) if t.ndim == 1 else (None, d))
+    _check_targets(tensors, n, rt)
+
+
+_TARGET_SHAPES: weakref.WeakKeyDictionary[Runtime, dict[str, tuple[int, ...]]] = weakref.WeakKeyDictionary()
+
+
+def target_shapes(rt: Runtime) -> dict[str, tuple[int, ...]]:
+    """Per target name the rule stashes for each labelled position, the shape of one position's entry (asked of
+    the rule itself, once per runtime, on one dummy position)."""
+    shapes = _TARGET_SHAPES.get(rt)
+    if shapes is None:
+        shapes = {}
+        if rt.rule.writes and rt.rule.stashes_targets:
+            with torch.no_grad():
+                logits = torch.zeros(1, rt.vocab_size, device=rt.device)
+                out = rt.rule.targets(logits, torch.zeros(1, dtype=torch.long, device=rt.device))
+            shapes = {name: tuple(t.shape[1:]) for name, t in out.items()}
+        _TARGET_SHAPES[rt] = shapes
+    return shapes
+
+
+def _check_targets(tensors: dict[str, Tensor], n: int, rt: Runtime) -> None:
+    """``pending.target.<name>``: each a name the rule computes, of its shape per position; the rule's targets
+    all for the same first ``m <= n`` positions (all of them or none), the final norm's scale for all ``n``."""
+    expected = target_shapes(rt)
+    present = {k.removeprefix("pending.target."): t for k, t in tensors.items() if k.startswith("pending.target.")}
+    for name, t in sorted(present.items()):
+        key = f"pending.target.{name}"
+        if name == FINAL_SCALE:
+            if not rt.rule.reads_final_norm:
+                raise MalformedStateError(f"state file holds {key!r}, but the rule does not read the final norm")
+            _values(t, key, (n,))
+            continue
+        if name not in expected:
+            raise MalformedStateError(f"state file holds a pending target {key!r} that the rule does not compute "
+                                      f"(it computes {sorted(expected) or 'none'})")
+        _values(t, key, (None, *expected[name]))
         if t.shape[0] > n:
             raise MalformedStateError(f"state file {key!r} has {t.shape[0]} rows for {n} pending positions")
+    if rt.rule.writes and rt.rule.reads_final_norm and FINAL_SCALE not in present:
+        raise MalformedStateError(f"state file is incomplete: no 'pending.target.{FINAL_SCALE}' for its {n} pending "
+                                  "positions")
+    counts = {name: int(present[name].shape[0]) for name in expected if name in present}
+    if counts and (len(counts) != len(expected) or len(set(counts.values())) != 1):
+        rows = {name: counts.get(name, "missing") for name in sorted(expected)}
+        raise MalformedStateError(f"state file pending targets must cover the same labelled positions, got rows {rows}")
 
 
 def kv_geometry(rt: Runtime) -> tuple[int | None, int | None, int | None]:
@@ -192,9 +278,10 @@ def kv_geometry(rt: Runtime) -> tuple[int | None, int | None, int | None]:
 
 
 def _check_kv(tensors: dict[str, Tensor], kv_tokens: int, n_tokens: int, rt: Runtime) -> None:
+    """``n_tokens``: the tokens the file holds (the KV cache covers the last ``kv_tokens`` of them)."""
     n_kv = sum(1 for k in tensors if k.startswith("kv.") and k.endswith(".k"))
     if kv_tokens > min(n_tokens, rt.max_length):
-        raise MalformedStateError(f"state file KV cache of {kv_tokens} tokens is longer than its stream "
+        raise MalformedStateError(f"state file KV cache of {kv_tokens} tokens is longer than the stream it holds "
                                   f"({n_tokens} tokens) or than the model's {rt.max_length} positions")
     if not n_kv:
         if kv_tokens:

@@ -66,6 +66,12 @@ def _long_kv(t, m, c):
         t[key] = t[key][-2:].contiguous()
 
 
+def _as_rows(t, name):
+    """``pending.target.<name>`` (one value per position) made `[m, d]`, the shape of a ``v`` target."""
+    key = f"pending.target.{name}"
+    t[key] = t[key][:, None].repeat(1, t["pending.target.v"].shape[1]).contiguous()
+
+
 MALFORMED = {
     "huge-S": _set("S.0", lambda s: torch.full_like(s, 3e38)),
     "S-above-bound": _set("S.1", lambda s: s + 2e5),
@@ -104,6 +110,25 @@ MALFORMED = {
         c.update(kv_tokens=0, pending_chunk=-1),
         [t.pop(k) for k in [k for k in t if k.startswith(("kv.", "pending.")) and k != "pending.positions"]]),
     "no-format": lambda t, m, c: m.pop("format"),
+    # issue 17, item 4: pending targets checked by name, shape and against each other
+    "pending-target-v-1d": _set("pending.target.v", lambda v: v[:, 0].contiguous()),
+    "pending-target-v-fewer-rows-than-nll": _set("pending.target.v", lambda v: v[:-1].contiguous()),
+    "pending-target-nll-2d": lambda t, m, c: _as_rows(t, "nll"),
+    "pending-target-inv-rms-2d": lambda t, m, c: _as_rows(t, "inv_rms"),
+    "pending-target-inv-rms-short": _set("pending.target.inv_rms", lambda x: x[:-1].contiguous()),
+    "pending-target-inv-rms-missing": lambda t, m, c: t.pop("pending.target.inv_rms"),
+    "pending-target-v-missing": lambda t, m, c: t.pop("pending.target.v"),
+    "pending-target-unknown": lambda t, m, c: t.update({"pending.target.w": t["pending.target.nll"].clone()}),
+    # issue 17, item 10: lying metadata and counters out of any sane range
+    "shapes-lie": lambda t, m, c: m.update(shapes=json.dumps([[64, 96]] * 3)),
+    "shapes-missing": lambda t, m, c: m.pop("shapes"),
+    "refused-writes-1e30": lambda t, m, c: c.update(refused_writes=10**30),
+    "refused-writes-float-1e30": lambda t, m, c: c.update(refused_writes=1e30),
+    "writes-above-completed-chunks": lambda t, m, c: c.update(writes=c["writes"] + 1),
+    "kv-tokens-huge": lambda t, m, c: c.update(kv_tokens=10**30),
+    "unknown-counter": lambda t, m, c: c.update(sneaky=1),
+    "tokens-offset-negative": lambda t, m, c: c.update(tokens_offset=-1),
+    "tokens-offset-past-pending": lambda t, m, c: c.update(tokens_offset=19),
 }
 
 
@@ -163,3 +188,90 @@ def test_extra_metadata_rides_in_the_header_and_is_ignored_on_load(rt, good, tmp
     assert ar.load_state(path, rt).tokens == state.tokens
     with pytest.raises(ValueError, match="may not replace"):
         state.to_bytes(extra_metadata={"rule": "gradient"})
+
+
+def _stream_past_the_pending_chunk(n: int):
+    """Issue 17, item 1: the stream replaced by ``n`` valid ids, KV dropped, the pending chunk left as it was."""
+    def edit(t, m, c):
+        t["tokens"] = torch.arange(n, dtype=torch.int64) % 90 + 3
+        for key in [k for k in t if k.startswith("kv.")]:
+            del t[key]
+        c["kv_tokens"] = 0
+    return edit
+
+
+@pytest.mark.parametrize("rule", ["hebbian", "gradient"])
+def test_a_pending_chunk_behind_its_stream_is_refused(rule) -> None:
+    """A forged stream that runs past the pending chunk would have the gradient rule recompute all of it."""
+    rt = patched(rule, chunk_size=CHUNK)
+    state = rt.new_state()
+    rt.forward(tokens(7), state)  # pending chunk 1: position 6
+    data = state.to_bytes()
+    with pytest.raises(ar.MalformedStateError, match="not the stream's current chunk"):
+        ar.state_from_bytes(forge(data, _stream_past_the_pending_chunk(16_000)), rt)
+    assert ar.state_from_bytes(forge(data, _stream_past_the_pending_chunk(7)), rt).tokens_seen == 7
+
+
+def _prepend(n: int):
+    """A legitimate-looking older history: ``n`` (a multiple of the chunk) tokens before the stream."""
+    def edit(t, m, c):
+        t["tokens"] = torch.cat([torch.arange(n, dtype=torch.int64) % 90 + 3, t["tokens"]])
+        t["pending.positions"] = t["pending.positions"] + n
+        c["pending_chunk"] += n // CHUNK
+    return edit
+
+
+def test_a_long_stream_is_compacted_on_import_and_continues_identically(rt, good) -> None:
+    """Issue 17, item 2: a state keeps the tokens its KV cache and pending chunk cover; chunks stay absolute."""
+    n = 6 * 20_000
+    short, long = ar.state_from_bytes(good, rt), ar.state_from_bytes(forge(good, _prepend(n)), rt)
+    assert long.tokens_seen == short.tokens_seen + n and long.tokens == short.tokens
+    assert long.tokens_offset == n and long.nbytes == short.nbytes
+    nxt = tokens(15, seed=4)
+    torch.testing.assert_close(rt.forward(nxt, long), rt.forward(nxt, short), atol=0, rtol=0)
+    for layer in rt.state_spec.layers:
+        torch.testing.assert_close(long.S[layer], short.S[layer], atol=0, rtol=0)
+    again = ar.state_from_bytes(long.to_bytes(), rt)  # the offset rides in the file
+    assert again.tokens_seen == long.tokens_seen and again.tokens == long.tokens
+
+
+def test_nbytes_counts_the_stream(rt) -> None:
+    from adapt_runtime.state import POSITION_BYTES
+
+    state = rt.new_state()
+    rt.forward(tokens(20), state)
+    before = state.nbytes
+    rt.forward(tokens(10, seed=1), state)
+    held = sum(t.numel() * t.element_size() for pair in state.kv for t in pair)
+    assert state.nbytes >= held + POSITION_BYTES * len(state.tokens)
+    assert state.nbytes > before
+
+
+@pytest.mark.parametrize("rule", ["hebbian", "gradient"])
+def test_the_stream_held_is_bounded_by_the_kv_cache_and_the_pending_chunk(rule) -> None:
+    """Reading windows drops the KV before each: the tokens kept are one window and one chunk at most."""
+    rt = patched(rule, chunk_size=CHUNK)
+    state = rt.new_state()
+    rt.read(tokens(400, seed=3), state, window=40)
+    assert state.tokens_seen == 400 and state.kv_len <= 40
+    assert len(state.tokens) <= state.kv_len + CHUNK
+    state.drop_kv()
+    assert len(state.tokens) <= CHUNK and state.tokens_seen == 400
+
+
+def test_a_recompute_reads_one_chunk_at_most() -> None:
+    """Issue 17, item 1: the gradient rule recomputes the pending chunk alone, never the stream after it."""
+    C = 8
+    rt = patched("gradient", chunk_size=C)
+    state = rt.new_state()
+    rt.forward(tokens(7), state)  # pending: positions 0..6 of chunk 0
+    rt.forward(tokens(100, seed=1), state, adapt=False)  # the stream moves on without writing
+    lengths, call = [], rt._call
+
+    def spy(ids, *args):
+        lengths.append(ids.shape[1])
+        return call(ids, *args)
+
+    rt._call = spy
+    rt.forward(tokens(1, seed=2), state)  # the write of chunk 0 fires: recompute, then the token itself
+    assert state.writes == 1 and max(lengths) <= C, lengths

@@ -84,6 +84,20 @@ FORGERIES = {
     "negative-counter": lambda t, m, c: c.update(writes=-3),
     "pending-rows-of-the-wrong-shape": lambda t, m, c: t.update(
         {k: v[:, :-1].contiguous() for k, v in t.items() if k.startswith("pending.x.")}),
+    # issue 17: a stream forged past its pending chunk (the gradient rule recomputed all of it on the model
+    # thread), pending targets of the wrong shape, lying metadata, counters out of range
+    "stream-past-the-pending-chunk": lambda t, m, c: (
+        t.update(tokens=torch.arange(16_000, dtype=torch.int64) % 200 + 3),
+        [t.pop(k) for k in [k for k in t if k.startswith("kv.")]], c.update(kv_tokens=0)),
+    "pending-target-v-1d": lambda t, m, c: t.update({"pending.target.v": t["pending.target.v"][:, 0].contiguous()}),
+    "pending-target-v-fewer-rows": lambda t, m, c: t.update(
+        {"pending.target.v": t["pending.target.v"][:-1].contiguous()}),
+    "pending-target-nll-2d": lambda t, m, c: t.update(
+        {"pending.target.nll": t["pending.target.nll"][:, None].repeat(1, 64).contiguous()}),
+    "pending-target-inv-rms-2d": lambda t, m, c: t.update(
+        {"pending.target.inv_rms": t["pending.target.inv_rms"][:, None].repeat(1, 64).contiguous()}),
+    "lying-shapes": lambda t, m, c: m.update(shapes=json.dumps([[1, 1]] * len(json.loads(m["shapes"])))),
+    "refused-writes-1e30": lambda t, m, c: c.update(refused_writes=10**30),
 }
 
 
@@ -160,3 +174,29 @@ def test_client_named_sessions_come_back_after_kill_9(server) -> None:
     assert response.status_code == 200, response.text
     assert response.json()["turns"] == 1
     assert score(server, sid) == expected
+
+
+def test_a_long_stream_is_compacted_on_import(server, exported) -> None:
+    """Issue 17, item 2: an imported stream keeps only what its KV cache and pending chunk cover, so what the
+    session holds is what ``--session-memory-budget`` counts; its length and chunk alignment stay."""
+    chunk = json.loads(header_metadata(exported)["chunk_size"])
+    n = chunk * 20_000
+
+    def prepend(t, m, c):
+        t["tokens"] = torch.cat([torch.arange(n, dtype=torch.int64) % 200 + 3, t["tokens"]])
+        t["pending.positions"] = t["pending.positions"] + n
+        c["pending_chunk"] += n // chunk
+        c["writes"] = 0
+
+    original, sid = server.new_session(), server.new_session()
+    with server.http() as http:
+        assert http.put(f"/v1/sessions/{original}/state", content=exported).status_code == 200
+        response = http.put(f"/v1/sessions/{sid}/state", content=forge(exported, prepend))
+        assert response.status_code == 200, response.text
+        short, long = http.get(f"/v1/sessions/{original}").json(), http.get(f"/v1/sessions/{sid}").json()
+        assert long["tokens_seen"] == short["tokens_seen"] + n
+        assert long["bytes"] == short["bytes"]
+        again = http.get(f"/v1/sessions/{sid}/state")
+    assert again.status_code == 200 and len(again.content) < len(exported) + 1024
+    assert st_load(again.content)["tokens"].numel() == st_load(exported)["tokens"].numel()
+    read(server, sid)
