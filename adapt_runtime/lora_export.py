@@ -5,6 +5,13 @@ and ``lora_A = diag(sqrt s_r) V_r^T`` with ``lora_alpha = r`` (scaling 1). With 
 the state's numerical rank, the adapter is exact up to float rounding; with a smaller rank it is the best rank-r
 approximation (Eckart-Young), and the relative Frobenius error ``||S - B A|| / ||S||`` of each layer is recorded in
 the weights file's metadata (key ``adapt_runtime``) and returned.
+
+Where the adapter's rank reaches ``min(d, f)`` (a layer of full numerical rank, the usual case once a session has
+read more tokens than the layer's width), a factorisation saves nothing, and the layer is written as
+``lora_B = I, lora_A = S`` (or ``lora_B = S, lora_A = I`` when ``f < d``): bit for bit exact, since ``I S`` in any
+float arithmetic is S. The SVD factors are not: each is rounded to float32, so ``B A`` differs from S by about
+``eps32 * sqrt(r) * ||S||`` (a last-place difference in ~40% of S's entries), which a deep model turns into logit
+differences of ~1e-5 — an export/import round trip or PEFT then no longer reproduces the session exactly.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ class LoraExport:
         rank: the adapter's ``r`` (one rank for every layer; layers of lower rank are zero-padded).
         numerical_rank: per plastic layer, the numerical rank of S: singular values above ``s_max * eps`` of the
             state dtype (0 for S = 0).
-        rel_error: per plastic layer, ``||S - B A||_F / ||S||_F`` in exact arithmetic (0.0 for S = 0; at full rank
-            only the singular values below float rounding of S are left out, about 1e-6 or less).
+        rel_error: per plastic layer, ``||S - B A||_F / ||S||_F`` in exact arithmetic (0.0 for S = 0 and for a layer
+            written as ``I S``; otherwise at the full numerical rank only the singular values below float rounding
+            of S are left out, about 1e-6 or less).
         files: file name -> bytes (``adapter_config.json``, ``adapter_model.safetensors``).
     """
 
@@ -81,6 +89,20 @@ def _rel_error(s: Tensor, kept: int) -> float:
     return math.sqrt(float(s[kept:].pow(2).sum()) / total)
 
 
+def _exact(S: Tensor | None, r: int, d: int, f: int) -> tuple[Tensor, Tensor]:
+    """``(B, A)`` of rank ``r >= min(d, f)`` with ``B A == S`` exactly: an identity on the smaller side, S itself
+    (its float32 values, exact for every state dtype) on the other."""
+    B, A = torch.zeros(d, r, dtype=torch.float32), torch.zeros(r, f, dtype=torch.float32)
+    S = torch.zeros(d, f, dtype=torch.float32) if S is None else S.detach().to("cpu", torch.float32)
+    if d <= f:
+        B[:, :d] = torch.eye(d)
+        A[:d] = S
+    else:
+        A[:, :f] = torch.eye(f)
+        B[:, :f] = S
+    return B, A
+
+
 def _padded(t: Tensor, rows: int, cols: int) -> Tensor:
     out = torch.zeros(rows, cols, dtype=torch.float32)
     out[: t.shape[0], : t.shape[1]] = t.to(torch.float32)
@@ -101,11 +123,16 @@ def lora_files(rt: Runtime, state: FastWeights, rank: int | None = None) -> Lora
     errors: dict[int, float] = {}
     for layer, (d, f) in zip(spec.layers, spec.shapes):
         fa = factors[layer]
-        kept = min(r, fa.numerical_rank)
-        errors[layer] = _rel_error(fa.singular, kept)
         name = module_name(rt, layer)
-        tensors[weight_key(name, "lora_A.weight")] = _padded(fa.A[:kept], r, f)
-        tensors[weight_key(name, "lora_B.weight")] = _padded(fa.B[:, :kept], d, r)
+        if r >= min(d, f):  # no smaller than S itself: B A = S exactly
+            errors[layer] = 0.0
+            B, A = _exact(state.S[layer], r, d, f)
+        else:
+            kept = min(r, fa.numerical_rank)
+            errors[layer] = _rel_error(fa.singular, kept)
+            B, A = _padded(fa.B[:, :kept], d, r), _padded(fa.A[:kept], r, f)
+        tensors[weight_key(name, "lora_A.weight")] = A
+        tensors[weight_key(name, "lora_B.weight")] = B
     numerical = {layer: fa.numerical_rank for layer, fa in factors.items()}
     config = {
         "peft_type": "LORA",
