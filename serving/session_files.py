@@ -1,5 +1,6 @@
-"""On-disk layout of sessions: ``<dir>/<owner>/<id>.json``, the sidecar (owner, timestamps, turns, metadata and
-the name of the state file), beside ``<id>~<generation>.safetensors`` (the runtime's state file).
+"""On-disk layout of sessions: ``<dir>/<owner>/<id>.json``, the sidecar (owner, timestamps, turns, metadata, the
+name of the state file and that state's ``stats``: counters and size, what a session's GET reports), beside
+``<id>~<generation>.safetensors`` (the runtime's state file).
 
 One commit is one atomic unit: the state goes to a new generation's file (temp file, fsync, rename), then the
 sidecar that names it replaces the old sidecar the same way; the rename of the sidecar is the commit point. A
@@ -9,7 +10,9 @@ leftovers (temp files, state files no sidecar names) are. ``~`` cannot occur in 
 names never collide with ids.
 
 Older layouts load too: a sidecar without ``state_file`` names ``<id>.safetensors`` (the next commit moves the
-session to the new layout).
+session to the new layout); a sidecar without ``stats`` (or with damaged ones) loads with them unknown: the
+session's GET reports those fields as null until the state is next loaded or written (the state file is not
+read for them: restoring stays a scan of sidecars).
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ class SessionRecord:
     turns: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
     state_file: str | None = None  # the state file's name in the owner's folder; None: ``<id>.safetensors``
+    stats: dict[str, int | None] | None = None  # ``state_stats`` of that state file; None: an older sidecar
+
+
+STAT_FIELDS = ("tokens_seen", "kv_len", "writes", "refused_writes", "bytes")
+
+
+def state_stats(state: Any) -> dict[str, int | None]:
+    """What ``GET /v1/sessions/{id}`` reports of a state: its counters and its size in memory (``nbytes``). Kept
+    in the sidecar, written with the state it describes, so a session on disk reports the same as a resident
+    one; a counter that a state type lacks is None (unknown)."""
+    return {name: getattr(state, "nbytes" if name == "bytes" else name, None) for name in STAT_FIELDS}
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -65,7 +79,7 @@ class SessionFiles:
         """Write ``state`` and ``record`` as one commit; returns the record naming the new state file (the
         caller keeps it). Raises ``OSError`` (disk full, ...) with the previous commit still in place."""
         name = f"{record.id}{GENERATION}{secrets.token_hex(6)}.safetensors"
-        new = dataclasses.replace(record, state_file=name)
+        new = dataclasses.replace(record, state_file=name, stats=state_stats(state))
         folder = self._folder(record.owner)
         atomic_write(folder / name, state.to_bytes())
         try:
@@ -147,4 +161,11 @@ def _parse(sidecar: Path, owner: str) -> SessionRecord | None:
     if name is not None and (not isinstance(name, str) or not name.startswith(f"{record.id}{GENERATION}")
                              or "/" in name or not name.endswith(".safetensors")):
         return None
+    if not _valid_stats(record.stats):  # only a report: the session loads, its numbers are unknown until used
+        record.stats = None
     return record
+
+
+def _valid_stats(stats: Any) -> bool:
+    return isinstance(stats, dict) and set(stats) == set(STAT_FIELDS) and all(
+        v is None or (type(v) is int and v >= 0) for v in stats.values())

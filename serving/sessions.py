@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapt_runtime.serving.errors import APIError, retry_later
-from adapt_runtime.serving.session_files import SESSION_ID, SessionFiles, SessionRecord
+from adapt_runtime.serving.session_files import SESSION_ID, STAT_FIELDS, SessionFiles, SessionRecord, state_stats
 
 log = logging.getLogger("adapt_serve")
 
@@ -49,6 +49,10 @@ class Session:
         return self.record.id
 
     def info(self) -> dict[str, Any]:
+        """The session as ``GET /v1/sessions/{id}`` reports it: the same fields whether it is resident or on disk
+        only (after a restart every session is). ``tokens_seen``, ``kv_len``, ``writes``, ``refused_writes`` and
+        ``bytes`` come from the state when resident, else from the sidecar written with the state file; they are
+        null only for a session whose sidecar predates them (until its state is next loaded)."""
         state = self.state
         body = {
             "id": self.id,
@@ -60,9 +64,8 @@ class Session:
             "resident": state is not None,
             "busy": self.busy,
         }
-        if state is not None:
-            body.update(tokens_seen=state.tokens_seen, kv_len=state.kv_len, writes=state.writes,
-                        refused_writes=state.refused_writes, bytes=state.nbytes)
+        stats = state_stats(state) if state is not None else self.record.stats
+        body.update(stats or dict.fromkeys(STAT_FIELDS))
         return body
 
 

@@ -12,6 +12,7 @@ import errno
 import json
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from adapt_runtime.serving import session_files
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.session_files import SessionFiles
 from adapt_runtime.serving.sessions import SessionStore
+from serve_testing import MODEL
 
 import adapt_runtime.atomic
 
@@ -296,3 +298,91 @@ def test_the_older_layout_loads_and_moves_to_the_new_one(tmp_path) -> None:
     asyncio.run(next_turn())
     assert restored(tmp_path) == {SID: (5, "new")}
     assert not (folder / f"{SID}.safetensors").exists()
+
+
+# issue 16 item 4: one schema for a session, resident or on disk ------------------------------------------------
+class Counted(Tagged):
+    """A stand-in state with the counters a session's GET reports."""
+
+    def __init__(self, tag: str = "fresh", tokens_seen: int = 0) -> None:
+        super().__init__(tag)
+        self.tokens_seen, self.kv_len, self.writes, self.refused_writes = tokens_seen, tokens_seen % 7, 3, 1
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"tag": self.tag, "tokens_seen": self.tokens_seen}).encode()
+
+    @staticmethod
+    def from_bytes(data: bytes) -> Counted:
+        return Counted(**json.loads(data))
+
+
+def test_a_session_on_disk_reports_what_it_reported_resident(tmp_path) -> None:
+    def store() -> SessionStore:
+        return SessionStore(Counted, Counted.from_bytes, SessionFiles(tmp_path), budget=10_000, max_sessions=100,
+                            ttl=3600.0, persistent=True)
+
+    async def before() -> dict:
+        first = store()
+        session = await first.create(OWNER, sid=SID)
+        await first.acquire(session)
+        await first.commit(session, Counted("one", tokens_seen=45))
+        first.release(session)
+        return session.info()
+
+    async def after() -> tuple[dict, dict]:
+        second = store()
+        second.restore()
+        session = second.get(OWNER, SID)
+        on_disk = session.info()
+        await second.acquire(session)
+        second.release(session)
+        return on_disk, session.info()
+
+    resident = asyncio.run(before())
+    on_disk, loaded = asyncio.run(after())
+    assert resident["resident"] and not on_disk["resident"] and loaded["resident"]
+    assert set(on_disk) == set(resident) == set(loaded)
+    assert {k: v for k, v in on_disk.items() if k != "resident"} == {k: v for k, v in resident.items()
+                                                                     if k != "resident"}
+    assert (on_disk["tokens_seen"], on_disk["kv_len"], on_disk["writes"], on_disk["bytes"]) == (45, 3, 3, 100)
+
+
+def test_an_older_sidecar_without_counters_reports_them_unknown(tmp_path) -> None:
+    folder = tmp_path / OWNER
+    folder.mkdir()
+    (folder / f"{SID}.safetensors").write_bytes(Counted("old", tokens_seen=9).to_bytes())
+    (folder / f"{SID}.json").write_text(json.dumps({"id": SID, "owner": OWNER, "created_at": time.time(),
+                                                   "last_used": time.time(), "turns": 4, "metadata": {}}))
+
+    async def view() -> tuple[dict, dict]:
+        restarted = SessionStore(Counted, Counted.from_bytes, SessionFiles(tmp_path), budget=10_000,
+                                 max_sessions=100, ttl=3600.0, persistent=True)
+        restarted.restore()
+        session = restarted.get(OWNER, SID)
+        unknown = session.info()
+        await restarted.acquire(session)
+        restarted.release(session)
+        return unknown, session.info()
+
+    unknown, loaded = asyncio.run(view())
+    assert set(unknown) == set(loaded)
+    fields = ("tokens_seen", "kv_len", "writes", "refused_writes", "bytes")
+    assert all(unknown[k] is None for k in fields), unknown
+    assert loaded["tokens_seen"] == 9 and loaded["bytes"] == 100
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_a_session_get_is_the_same_before_and_after_a_restart(launch, tmp_path, stop) -> None:
+    server = launch("--rule", "hebbian", "--session-dir", str(tmp_path / "sessions"))
+    sid = server.new_session()
+    server.client().completions.create(model=MODEL, prompt="Once upon a time there was a dog named Max. " * 6,
+                                       max_tokens=3, temperature=0, extra_headers={"X-Session-ID": sid})
+    before = server.session_info(sid)
+    assert before["resident"] and before["tokens_seen"] > 0 and before["writes"] > 0
+    server.stop(signal.SIGKILL if stop == "sigkill" else signal.SIGTERM)
+    server.start()
+    after = server.session_info(sid)
+    assert not after["resident"], "a restarted server loads a session on its first use"
+    assert set(after) == set(before)
+    assert {k: v for k, v in after.items() if k != "resident"} == {k: v for k, v in before.items()
+                                                                   if k != "resident"}
