@@ -317,4 +317,6 @@ def header_metadata(data: bytes | Any) -> dict[str, str]:
             raise ValueError("metadata is not a map of strings")
     except (ValueError, UnicodeDecodeError) as err:
         raise MalformedStateError(f"state file is corrupt or not a safetensors file: {err}") from None
+    except RecursionError:
+        raise MalformedStateError("state file header is nested too deeply to be a safetensors header") from None
     return dict(meta)

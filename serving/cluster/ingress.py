@@ -34,7 +34,7 @@ def routing_key(method: str, path: str, headers: list[tuple[bytes, bytes]], body
     if method == "POST" and path in TURN_PATHS and b"session_id" in body:
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not routable by its body; the engine's guard answers 400
             return None
         sid = parsed.get("session_id") if isinstance(parsed, dict) else None
         return sid if isinstance(sid, str) else None

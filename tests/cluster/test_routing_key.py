@@ -22,9 +22,10 @@ from adapt_runtime.serving.cluster.ingress import routing_key  # noqa: E402
         ("GET", "/v1/sessions/abc", [], b"", "abc"),
         ("PUT", "/v1/sessions/abc/state", [], b"session_id", "abc"),
         ("GET", "/v1/sessions", [], b"", None),
+        ("POST", "/v1/completions", [], b'{"session_id": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
     ],
     ids=["header-wins", "header-any-case", "body-chat", "none", "non-string", "bad-json", "other-route",
-         "session-path", "state-path", "list"],
+         "session-path", "state-path", "list", "nested-past-the-recursion-limit"],
 )
 def test_routing_key(method, path, headers, body, expected):
     assert routing_key(method, path, headers, body) == expected

@@ -275,3 +275,10 @@ def test_a_recompute_reads_one_chunk_at_most() -> None:
     rt._call = spy
     rt.forward(tokens(1, seed=2), state)  # the write of chunk 0 fires: recompute, then the token itself
     assert state.writes == 1 and max(lengths) <= C, lengths
+
+
+def test_a_header_nested_past_the_recursion_limit_is_malformed():
+    header = b'{"__metadata__": {"a": "b"}, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    data = len(header).to_bytes(8, "little") + header
+    with pytest.raises(ar.MalformedStateError, match="nested"):
+        header_metadata(data)
