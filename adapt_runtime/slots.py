@@ -130,11 +130,6 @@ class SlotPool:
         self._used = [self._used[k] for k in live]
         self._slots_cache = None
 
-    def evict_all(self) -> None:
-        """Evict every bound state (e.g. before the pool is dropped)."""
-        for state in list(self._slot_of.keys()):
-            self.evict(state)
-
     # ------------------------------------------------------------------ internals
     def _assign_all(self, states: list[FastWeights]) -> list[int] | None:
         if self.max_slots is not None and len(states) > self.max_slots:

@@ -128,12 +128,6 @@ class EpisodeBuilder:
         self._queries.append(q)
         return q
 
-    def new_turn(self) -> None:
-        """Start a new turn: the attention cache is dropped; fast weights carry over."""
-        self._done += self._bos + self._turn_ids
-        self._breaks.append(len(self._done))
-        self._turn_text, self._turn_ids = "", []
-
     def tokens(self) -> list[int]:
         return self._done + self._bos + self._turn_ids
 

@@ -16,7 +16,6 @@ import adapt_runtime as ar
 
 router = APIRouter()
 STATE_MEDIA_TYPE = "application/octet-stream"
-STATE_PATH_SUFFIX = "/state"
 
 
 STATE_ROUTE = re.compile(r"/v1/sessions/[^/]+/state")

@@ -163,12 +163,6 @@ class StateStore:
                 "created_at": float(data.get("created_at", 0)), "last_used": float(data.get("last_used", 0)),
                 "turns": int(data.get("turns", 0)), "metadata": json.loads(data.get("metadata", "{}"))}
 
-    def touch(self, key: str, turn: bool = False) -> None:
-        meta = self._k("meta", key)
-        _call(self.client.hset, meta, "last_used", f"{time.time():.3f}")
-        if turn:
-            _call(self.client.hincrby, meta, "turns", 1)
-
     def ids(self, owner: str) -> list[str]:
         return sorted(m.decode() for m in _call(self.client.smembers, self._k("index", owner)))
 
