@@ -6,6 +6,12 @@ would leave the layers before it written while the state counts the write as ref
 checked before any layer is touched, in float64 where nothing overflows: a bound on every float32 quantity the
 kernels form (``beta_t v_t``, ``x_t``, every partial sum of ``V^T diag(beta) X``, its squared norm and the Gram
 products of the Triton path) must stay below ``OVERFLOW_GUARD``; otherwise no layer is written.
+
+A rule's step options (``Write.steps``, ``adapt_runtime.rules.steps``) are taken here, before that check, so a step
+that comes out non-finite is refused like any other write: per-layer rates scale ``beta``; the delta form alone is
+``kernels.write``'s own (``erase``), and with a normalised or orthogonalised step its targets are formed first
+(``V - erase * decay * X S^T``); the orthogonalised step replaces the targets by the Newton-Schulz ones; the
+normalised step scales ``beta`` to the step's norm.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import torch
 from torch import Tensor
 
 from adapt_runtime import kernels
+from adapt_runtime.kernels.torch_ops import write_norms
 from adapt_runtime.rules import Write
+from adapt_runtime.rules.steps import Steps, newton_schulz
 from adapt_runtime.state import FastWeights
 
 log = logging.getLogger("adapt_runtime")
@@ -25,25 +33,60 @@ log = logging.getLogger("adapt_runtime")
 OVERFLOW_GUARD = 1e18
 
 
-def write_bound(w: Write) -> Tensor:
+def write_bound(w: Write, retrieval: Tensor | float = 0.0) -> Tensor:
     """A float64 upper bound (NaN if any input is) on the magnitudes the kernels form for write ``w``.
 
     With ``a_t = |beta_t| ||v_t||`` and ``b_t = ||x_t||``: every entry of every partial sum of
     ``sum_t beta_t v_t x_t^T`` and its Frobenius norm are at most ``sum_t a_t b_t``, and each Gram term
     ``(beta_t beta_s v_t.v_s)(x_t.x_s)`` at most ``a_t a_s b_t b_s``; so the largest of ``max a``, ``max b`` and
-    ``sum a b`` bounds them all (``a``, ``b`` themselves, and ``sum a b`` for the sums and norms).
+    ``sum a b`` bounds them all (``a``, ``b`` themselves, and ``sum a b`` for the sums and norms). The delta form's
+    targets ``v_t - erase S x_t`` are formed in the kernel: ``retrieval`` is ``|erase| ||S||_F``, and
+    ``||v_t|| + retrieval * b_t`` bounds the target and every partial sum of its retrieval.
     """
-    a = w.beta.double().abs() * torch.linalg.vector_norm(w.V.double(), dim=-1)
     b = torch.linalg.vector_norm(w.X.double(), dim=-1)
+    a = w.beta.double().abs() * (torch.linalg.vector_norm(w.V.double(), dim=-1) + retrieval * b)
     if not a.numel():
         return torch.zeros((), dtype=torch.float64, device=a.device)
     return torch.stack([a.max(), b.max(), (a * b).sum()]).max()  # max propagates NaN
 
 
-def writes_are_safe(s: FastWeights, writes: list[Write]) -> bool:
+def take_steps(s: FastWeights, writes: list[Write], steps: Steps, decay: float,
+               w0_norm: dict[int, float]) -> tuple[list[Write], dict[int, float]]:
+    """The writes of ``steps`` (see the module docstring) and, per layer, the ``erase`` left to ``kernels.write``
+    (none when the targets were formed here)."""
+    fused = steps.write_form == "delta" and steps.normalise is None and not steps.orthogonalise
+    out, erase = [], {}
+    for w in writes:
+        rate = steps.rate(s.spec.layers, w.layer)
+        V, X, beta = w.V, w.X, w.beta * rate
+        S = s.S[w.layer]
+        retrieve = steps.erase * decay  # from the decayed S, as gated DeltaNet
+        if fused:
+            erase[w.layer] = retrieve
+        elif steps.write_form == "delta" and S is not None:
+            V = V.float() - retrieve * (X.float() @ S.float().T)
+        if steps.orthogonalise:
+            V = newton_schulz(V.double() * beta.double()[:, None], X).float()
+            beta = torch.ones_like(beta)
+        if steps.normalise is not None:
+            norm = write_norms(V[None], X[None], beta[None])[0]
+            if bool(norm > 0) and bool(torch.isfinite(norm)):  # zero stays zero; non-finite stays (refused)
+                beta = beta * (steps.normalise * rate * w0_norm[w.layer] / norm.double()).to(beta.dtype)
+        out.append(Write(w.layer, V, X, beta, steps))
+    return out, erase
+
+
+def writes_are_safe(s: FastWeights, writes: list[Write], erase: dict[int, float] | None = None) -> bool:
     """True when every layer's write stays below ``OVERFLOW_GUARD``; else the write is counted as refused and
-    logged, and nothing may be written (the one check of the dense and the low-rank state)."""
-    bound = torch.stack([write_bound(w).to(s.spec.device) for w in writes]).max()
+    logged, and nothing may be written (the one check of the dense and the low-rank state). ``erase``: per layer
+    the delta form's factor (its retrieval from the layer's S is bounded too)."""
+    bounds = []
+    for w in writes:
+        factor = (erase or {}).get(w.layer, 0.0)
+        S = s.S.get(w.layer) if factor else None
+        retrieval = 0.0 if S is None else abs(factor) * torch.linalg.vector_norm(S, dtype=torch.float64)
+        bounds.append(write_bound(w, retrieval).to(s.spec.device))
+    bound = torch.stack(bounds).max()
     if bool(bound <= OVERFLOW_GUARD):  # NaN compares False: refused as well
         return True
     s.refused_writes += 1
@@ -61,17 +104,22 @@ def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float 
     """
     if not writes:
         return True
-    if not writes_are_safe(s, writes):
+    erase: dict[int, float] = {}
+    steps = writes[0].steps
+    if steps is not None and not steps.plain:
+        writes, erase = take_steps(s, writes, steps, decay, w0_norm)
+    if not writes_are_safe(s, writes, erase):
         return False
     slot = torch.zeros(1, dtype=torch.long, device=s.spec.device)
     for w in writes:
+        delta_form = {"erase": erase[w.layer]} if erase.get(w.layer) else {}  # a plain write: kernels.write as ever
         max_norm = None
         if clip is not None:
             max_norm = torch.tensor([clip * w0_norm[w.layer]], device=s.spec.device)
         S = s.delta(w.layer, create=True)
         if S.is_inference() and not torch.is_inference_mode_enabled() and not S._is_view():
             S = s.S[w.layer] = S.clone()  # made under inference_mode, written outside it (a slot's view stays put)
-        kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], decay, max_norm)
+        kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], decay, max_norm, **delta_form)
     s.writes += 1
     s.bump()
     return True

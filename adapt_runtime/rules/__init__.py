@@ -10,6 +10,7 @@ from adapt_runtime.rules.base import NoneRule, Rule, Write
 from adapt_runtime.rules.gradient import GradientRule
 from adapt_runtime.rules.hebbian import HebbianRule
 from adapt_runtime.rules.inplace_ttt import InPlaceTTTRule
+from adapt_runtime.rules.steps import Steps
 
 RULES: dict[str, type[Rule]] = {
     "none": NoneRule,
@@ -54,6 +55,7 @@ __all__ = [
     "InPlaceTTTRule",
     "NoneRule",
     "Rule",
+    "Steps",
     "Write",
     "make_rule",
     "rule_names",

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from adapt_runtime.chunk import Chunk
+from adapt_runtime.rules.steps import Steps
 
 if TYPE_CHECKING:
     from adapt_runtime.architectures import ArchSpec
@@ -31,12 +32,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class Write:
-    """One layer's write: ``S[layer] <- decay * S + clip(V^T diag(beta) X)``."""
+    """One layer's write: ``S[layer] <- decay * S + clip(V^T diag(beta) X)``, taken as a step by ``steps``
+    (``adapt_runtime.rules.steps``; None: the update as it is)."""
 
     layer: int
     V: Tensor  # [n, d]
     X: Tensor  # [n, f]
     beta: Tensor  # [n]
+    steps: Steps | None = None
 
 
 def key_scale(keys: list[Tensor]) -> Tensor:

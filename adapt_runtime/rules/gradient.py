@@ -3,12 +3,18 @@ down_proj, as a fast weight)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from adapt_runtime.chunk import Chunk
 from adapt_runtime.rules.base import Rule, Write, key_scale
+from adapt_runtime.rules.steps import Steps
+
+if TYPE_CHECKING:
+    from adapt_runtime.architectures import ArchSpec
+    from adapt_runtime.config import RuntimeConfig
 
 
 class GradientRule(Rule):
@@ -24,10 +30,18 @@ class GradientRule(Rule):
     default_chunk_size = 32
     default_norm_bound = 0.05  # long streams: unbounded, unseen text scored up to +11% vs fresh after 20k tokens
 
+    def __init__(self, **steps: Any) -> None:
+        """``steps``: the step options every rule takes (``adapt_runtime.rules.steps.Steps``)."""
+        self.steps = Steps(**steps)
+
     def options(self) -> dict[str, Any]:
-        return {}
+        return self.steps.options()
+
+    def bind(self, model: nn.Module, arch: ArchSpec, config: RuntimeConfig) -> None:
+        self.steps.check_layers(config.layers, config.state_rank)
 
     def write(self, chunk: Chunk) -> list[Write]:
         scale = key_scale([chunk.x[layer] for layer in chunk.layers])
         beta = torch.full((len(chunk),), chunk.lr, device=chunk.labels.device) / scale
-        return [Write(layer, -chunk.grads[layer], chunk.x[layer], beta) for layer in chunk.layers]
+        steps = None if self.steps.plain else self.steps
+        return [Write(layer, -chunk.grads[layer], chunk.x[layer], beta, steps) for layer in chunk.layers]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from adapt_runtime.architectures import get_path
 from adapt_runtime.chunk import Chunk
 from adapt_runtime.rules.base import Rule, Write, key_scale
+from adapt_runtime.rules.steps import Steps
 
 if TYPE_CHECKING:
     from adapt_runtime.architectures import ArchSpec
@@ -40,7 +41,9 @@ class HebbianRule(Rule):
     default_norm_bound = 0.05
 
     def __init__(self, target: str = "error", modulation: str = "none", topk: int = 32,
-                 norm_jacobian: bool = True) -> None:
+                 norm_jacobian: bool = True, **steps: Any) -> None:
+        """``steps``: the step options every rule takes (``adapt_runtime.rules.steps.Steps``)."""
+        self.steps = Steps(**steps)
         if target not in TARGETS:
             raise ValueError(f"hebbian target must be one of {TARGETS}, got {target!r}")
         if modulation not in MODULATIONS:
@@ -55,9 +58,10 @@ class HebbianRule(Rule):
 
     def options(self) -> dict[str, Any]:
         return {"target": self.target, "modulation": self.modulation, "topk": self.topk,
-                "norm_jacobian": self.norm_jacobian}
+                "norm_jacobian": self.norm_jacobian, **self.steps.options()}
 
     def bind(self, model: nn.Module, arch: ArchSpec, config: RuntimeConfig) -> None:
+        self.steps.check_layers(config.layers, config.state_rank)
         self._unembed = model.get_output_embeddings().weight.detach()
         self._gain = None
         norm = get_path(model, arch.final_norm)
@@ -100,5 +104,6 @@ class HebbianRule(Rule):
             shared = shared * (scale / scale.mean().clamp_min(1e-12))[:, None]
         keys = {layer: chunk.x[layer][:n_ok] for layer in chunk.layers}
         beta = m * (chunk.lr / key_scale(list(keys.values())))
-        return [Write(layer, chunk.y[layer][:n_ok] if self.target == "output" else shared, X, beta)
+        steps = None if self.steps.plain else self.steps
+        return [Write(layer, chunk.y[layer][:n_ok] if self.target == "output" else shared, X, beta, steps)
                 for layer, X in keys.items()]
