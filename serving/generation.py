@@ -9,8 +9,6 @@ out, so a client that reads ``[DONE]`` can start its next turn at once.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -23,9 +21,10 @@ from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import Done, Failed, Finished, PromptScored, Token
 from adapt_runtime.serving.protocol import StreamOptions
 from adapt_runtime.serving.scheduler import Job
+from adapt_runtime.serving.sse import DONE, ClosingStream, frame, race_disconnect
 from adapt_runtime.serving.turn import SESSION_HEADER, Turn
 from fastapi import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 import adapt_runtime as ar
 
@@ -122,7 +121,7 @@ async def respond(gen: Generation, request: Request, stream: bool, options: Stre
     parts = gen.choices()
     handed_off = False
     try:
-        opened = await _race_disconnect(_first(parts), request)
+        opened = await race_disconnect(_first(parts), request)
         if opened is None:
             ctx.metrics.disconnects.inc()
             return Response(status_code=499)
@@ -131,8 +130,8 @@ async def respond(gen: Generation, request: Request, stream: bool, options: Stre
         if stream:
             handed_off = True
             body = _sse(gen, parts, first, options or StreamOptions())
-            return _ClosingStream(body, media_type="text/event-stream", headers=headers)
-        folded = await _race_disconnect(_fold(gen, parts, first), request)
+            return ClosingStream(body, media_type="text/event-stream", headers=headers)
+        folded = await race_disconnect(_fold(gen, parts, first), request)
         if folded is None:
             ctx.metrics.disconnects.inc()
             return Response(status_code=499)
@@ -167,42 +166,6 @@ async def _fold(gen: Generation, parts: AsyncIterator[dict], first: dict | None)
     return {**gen.header(gen.fmt.final_object), "choices": choices, "usage": gen.usage(), **gen.extras()}
 
 
-async def _race_disconnect(work: Any, request: Request) -> Any:
-    """Run ``work``; if the client goes away first, cancel it and return None."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-class _ClosingStream(StreamingResponse):
-    """A stream whose body is closed when the response ends for any reason (a send that timed out included), so
-    the turn and the concurrency slot come back at once instead of when the generator is collected."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
-
-
-def _frame(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
-
-
 async def _sse(gen: Generation, parts: AsyncIterator[dict], first: dict | None,
                options: StreamOptions) -> AsyncIterator[bytes]:
     ctx = gen.ctx
@@ -216,7 +179,7 @@ async def _sse(gen: Generation, parts: AsyncIterator[dict], first: dict | None,
                 chunk["session_id"] = gen.turn.session_id
             if include:
                 chunk["usage"] = gen.usage() if options.continuous_usage_stats else None
-            yield _frame(chunk)
+            yield frame(chunk)
         async for part in parts:
             # the chunk header is fixed for the whole stream: serialise it once, splice each choice in
             body = json.dumps(part, ensure_ascii=False)
@@ -224,16 +187,16 @@ async def _sse(gen: Generation, parts: AsyncIterator[dict], first: dict | None,
             end = f', "usage": {usage}}}' if include else "}"
             yield f'data: {head}, "choices": [{body}]{end}\n\n'.encode()
         if options.include_usage:
-            yield _frame({**gen.header(gen.fmt.chunk_object), "choices": [], "usage": gen.usage(), **gen.extras()})
+            yield frame({**gen.header(gen.fmt.chunk_object), "choices": [], "usage": gen.usage(), **gen.extras()})
         outcome = "ok"
     except APIError as err:
         outcome = "error"
         ctx.metrics.errors.labels(code=err.code).inc()
-        yield _frame(err.body())
+        yield frame(err.body())
     except Exception as exc:  # noqa: BLE001 - headers are out; the client gets an SSE error event
         outcome = "error"
         log.exception("stream failed")
-        yield _frame(as_api_error(exc).body())
+        yield frame(as_api_error(exc).body())
     finally:
         if outcome == "disconnected":
             ctx.metrics.disconnects.inc()
@@ -242,4 +205,4 @@ async def _sse(gen: Generation, parts: AsyncIterator[dict], first: dict | None,
         await gen.turn.close()
         ctx.leave()
         ctx.metrics.e2e.observe(time.perf_counter() - gen.started)
-    yield b"data: [DONE]\n\n"
+    yield DONE

@@ -13,7 +13,6 @@ that does not fit is read first, and the answer is generated from the last windo
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,10 +22,11 @@ from typing import Any
 from adapt_runtime.serving.context import ServerContext, ctx_of, off_loop
 from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import Failed, PromptScored
-from adapt_runtime.serving.generation import _race_disconnect, as_api_error
+from adapt_runtime.serving.generation import as_api_error
 from adapt_runtime.serving.protocol import ReadRequest
 from adapt_runtime.serving.sampling import SamplingParams
 from adapt_runtime.serving.scheduler import Job, Prompt
+from adapt_runtime.serving.sse import DONE, frame, race_disconnect
 from adapt_runtime.serving.turn import SESSION_HEADER, Turn, session_id_of, start_turn
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -109,10 +109,6 @@ def _num(x: float) -> float | None:
     return None if x != x else round(x, 6)
 
 
-def _frame(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload)}\n\n".encode()
-
-
 async def _finish(ctx: ServerContext, turn: Turn, outcome: str) -> None:
     await turn.close()
     ctx.leave()
@@ -138,7 +134,7 @@ async def read_document(request: Request, session_id: str, body: ReadRequest) ->
         return StreamingResponse(_sse(ctx, reading), media_type="text/event-stream", headers=headers)
     outcome = "error"
     try:
-        folded = await _race_disconnect(reading.run(), request)
+        folded = await race_disconnect(reading.run(), request)
         if folded is None:
             outcome = "disconnected"
             ctx.metrics.disconnects.inc()
@@ -153,16 +149,16 @@ async def _sse(ctx: ServerContext, reading: DocumentRead) -> AsyncIterator[bytes
     outcome = "disconnected"
     try:
         async for progress in reading.windows():
-            yield _frame(progress)
+            yield frame(progress)
         await reading.turn.finish(reading.turn.state)
-        yield _frame(reading.body())
+        yield frame(reading.body())
         outcome = "ok"
     except APIError as err:
         outcome = "error"
-        yield _frame(err.body())
+        yield frame(err.body())
     finally:
         await _finish(ctx, reading.turn, outcome)
-    yield b"data: [DONE]\n\n"
+    yield DONE
 
 
 # ---------------------------------------------------------------------------------------------- long prompts
@@ -183,7 +179,7 @@ class LongPrompt:
         generation is: False when it left (the read is cancelled at once). On failure or a client gone, the turn
         is given back (rolled back) and the admission left."""
         try:
-            done = await _race_disconnect(self._read(ctx, turn), request)
+            done = await race_disconnect(self._read(ctx, turn), request)
         except BaseException:
             await turn.close()
             ctx.leave()
