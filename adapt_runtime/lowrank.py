@@ -94,7 +94,7 @@ def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float 
     for w in writes:
         shape = s.spec.shapes[s.spec.layers.index(w.layer)]
         max_norm = None if clip is None else clip * w0_norm[w.layer]
-        new = fold_write(s.factors.get(w.layer), shape, w, decay, max_norm, rank)
+        new = fold_write(s.factors.get(w.layer), shape, w, decay if w.decay is None else w.decay, max_norm, rank)
         if new is None:
             s.refused_writes += 1
             return False

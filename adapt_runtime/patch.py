@@ -12,7 +12,7 @@ from adapt_runtime.architectures import arch_spec, get_path, set_path
 from adapt_runtime.config import RuntimeConfig, select_layers
 from adapt_runtime.errors import AlreadyPatchedError
 from adapt_runtime.plastic import FINAL_SCALE, PlasticDown, Tap, final_scale, hidden
-from adapt_runtime.rules import InPlaceTTTRule, Rule, make_rule
+from adapt_runtime.rules import RULES, InPlaceTTTRule, Rule, make_rule
 from adapt_runtime.runtime import Runtime
 
 
@@ -64,8 +64,8 @@ def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None
     spec = arch_spec(model)
     if any(isinstance(m, PlasticDown) for m in model.modules()):
         raise AlreadyPatchedError("this model is already patched; call rt.unpatch() first")
-    if isinstance(rule, str) and rule == "inplace-ttt" and "checkpoint" not in rule_options \
-            and "conv" not in rule_options:
+    reads_folder = rule == "inplace-ttt" or getattr(RULES.get(rule), "reads_checkpoint", False)  # learned rules
+    if isinstance(rule, str) and reads_folder and "checkpoint" not in rule_options and "conv" not in rule_options:
         rule_options["checkpoint"] = getattr(model, "name_or_path", None) or None
     rule_obj = make_rule(rule, **rule_options)
     decoder_layers = get_path(model, spec.layers)

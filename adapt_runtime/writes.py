@@ -60,7 +60,7 @@ def take_steps(s: FastWeights, writes: list[Write], steps: Steps, decay: float,
         rate = steps.rate(s.spec.layers, w.layer)
         V, X, beta = w.V, w.X, w.beta * rate
         S = s.S[w.layer]
-        retrieve = steps.erase * decay  # from the decayed S, as gated DeltaNet
+        retrieve = steps.erase * (decay if w.decay is None else w.decay)  # from the decayed S, as gated DeltaNet
         if fused:
             erase[w.layer] = retrieve
         elif steps.write_form == "delta" and S is not None:
@@ -72,7 +72,7 @@ def take_steps(s: FastWeights, writes: list[Write], steps: Steps, decay: float,
             norm = write_norms(V[None], X[None], beta[None])[0]
             if bool(norm > 0) and bool(torch.isfinite(norm)):  # zero stays zero; non-finite stays (refused)
                 beta = beta * (steps.normalise * rate * w0_norm[w.layer] / norm.double()).to(beta.dtype)
-        out.append(Write(w.layer, V, X, beta, steps))
+        out.append(Write(w.layer, V, X, beta, steps, w.decay))
     return out, erase
 
 
@@ -119,7 +119,8 @@ def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float 
         S = s.delta(w.layer, create=True)
         if S.is_inference() and not torch.is_inference_mode_enabled() and not S._is_view():
             S = s.S[w.layer] = S.clone()  # made under inference_mode, written outside it (a slot's view stays put)
-        kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], decay, max_norm, **delta_form)
+        kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], decay if w.decay is None else w.decay,
+                      max_norm, **delta_form)
     s.writes += 1
     s.bump()
     return True

@@ -40,6 +40,7 @@ class Write:
     X: Tensor  # [n, f]
     beta: Tensor  # [n]
     steps: Steps | None = None
+    decay: float | None = None  # this write's factor on the old S, in place of the runtime's decay (learned rules)
 
 
 def key_scale(keys: list[Tensor]) -> Tensor:
