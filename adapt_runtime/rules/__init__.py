@@ -10,6 +10,7 @@ from adapt_runtime.rules.base import NoneRule, Rule, Write
 from adapt_runtime.rules.gradient import GradientRule
 from adapt_runtime.rules.hebbian import HebbianRule
 from adapt_runtime.rules.inplace_ttt import InPlaceTTTRule
+from adapt_runtime.rules.learned import LearnedRule
 from adapt_runtime.rules.steps import Steps
 
 RULES: dict[str, type[Rule]] = {
@@ -17,6 +18,7 @@ RULES: dict[str, type[Rule]] = {
     "hebbian": HebbianRule,
     "gradient": GradientRule,
     "inplace-ttt": InPlaceTTTRule,
+    "learned": LearnedRule,
 }
 
 # Installed packages add rules under this entry-point group (``name = "package.module:RuleClass"``), so every
