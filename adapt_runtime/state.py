@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class StateSpec:
     chunk_size: int
     dtype: torch.dtype
     device: torch.device
+
+    @property
+    def state_rank(self) -> int | None:
+        """The rank r of a runtime that holds S as factors ``B [d, k] A [k, f]`` (``k <= r``); None: dense S."""
+        return json.loads(self.config_json).get("state_rank")
 
 
 class FastWeights:
@@ -103,7 +109,7 @@ class FastWeights:
 
     @property
     def is_zero(self) -> bool:
-        return all(s is None for s in self.S.values())
+        return all(s is None for s in self.S.values()) and not self.factors
 
     @property
     def nbytes(self) -> int:
@@ -128,8 +134,12 @@ class FastWeights:
         return s
 
     def delta_norms(self) -> dict[int, float]:
-        """Frobenius norm of S per plastic layer."""
-        return {k: 0.0 if s is None else float(torch.linalg.vector_norm(s.float())) for k, s in self.S.items()}
+        """Frobenius norm of S per plastic layer (of ``B A`` for factors, by the `[k, k]` Gram form
+        ``||B A||_F^2 = tr((B^T B)(A A^T))``, without forming the product)."""
+        norms = {k: 0.0 if s is None else float(torch.linalg.vector_norm(s.float())) for k, s in self.S.items()}
+        for k, (b, a) in self.factors.items():
+            norms[k] = float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+        return norms
 
     def drop_kv(self) -> None:
         """Forget the attention cache. S, the pending chunk and the stream's length stay; positions restart at 0.

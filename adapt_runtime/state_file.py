@@ -27,9 +27,9 @@ def state_to_bytes(state: FastWeights, include_kv: bool = True, extra_metadata: 
     """The state as safetensors bytes; ``extra_metadata`` (e.g. a server's session record) rides in the header,
     so it is written in the same atomic write as the tensors (loading ignores it)."""
     spec = state.spec
-    if state.factors:
-        raise ValueError("a low-rank state (state_rank) cannot be saved yet: the state file holds dense S only")
     tensors = {f"S.{k}": s.contiguous() for k, s in state.S.items() if s is not None}
+    for k, (b, a) in state.factors.items():  # a rank-r runtime's S = B A, factors as held (rank k <= r)
+        tensors[f"B.{k}"], tensors[f"A.{k}"] = b.contiguous(), a.contiguous()
     tensors.update({k: v.contiguous() for k, v in state.pending.tensors().items()})
     tensors["tokens"] = torch.tensor(state.tokens, dtype=torch.int64)
     tensors["pending.positions"] = torch.tensor(state.pending.positions, dtype=torch.int64)
@@ -53,6 +53,8 @@ def state_to_bytes(state: FastWeights, include_kv: bool = True, extra_metadata: 
              "kv_tokens": state.kv_len if include_kv else 0, "tokens_offset": state.tokens_offset}
         ),
     }
+    if spec.state_rank is not None:  # dense files stay as they were before the option existed
+        metadata["state_rank"] = str(spec.state_rank)
     clash = set(extra_metadata or {}) & set(metadata)
     if clash:
         raise ValueError(f"extra metadata may not replace the state's own keys {sorted(clash)}")
@@ -86,6 +88,8 @@ def state_from_bytes(data: bytes, rt: Runtime) -> FastWeights:
     for layer in spec.layers:
         if f"S.{layer}" in tensors:
             state.S[layer] = tensors[f"S.{layer}"].to(spec.device)
+        if f"B.{layer}" in tensors:
+            state.factors[layer] = (tensors[f"B.{layer}"].to(spec.device), tensors[f"A.{layer}"].to(spec.device))
     state.pending.load_tensors({k: v.to(spec.device) for k, v in tensors.items() if k.startswith("pending.")
                                 and k != "pending.positions"})
     state.pending.positions = tensors["pending.positions"].tolist()

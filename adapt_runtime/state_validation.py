@@ -12,6 +12,9 @@ Bounds on magnitudes (finite is not enough: a finite S of 3e38 overflows the fir
   the largest entries measured (2-core CPU machine, 2000 tokens each): 11.3 for the bundled model under hebbian at
   its default rate, 230 for the tests' tiny random Gemma2 under gradient at lr 2 (it saturates there). The bound
   leaves a margin of ~400x over that and refuses forged magnitudes (3e38) long before a matmul can overflow.
+* Factors ``B``, ``A`` of a rank-r runtime (``state_rank``; S = B A): shapes ``[d, k]``, ``[k, f]`` with
+  ``k <= r``, each factor's entries and the S they imply within the S bound (``check_factors``). A rank-r runtime's
+  file holds no dense S and a dense runtime's no factors; a file of another state rank is incompatible.
 * KV entries, pending rows and targets, ``last_logits``: ``max|x| <= MAX_ACTIVATION`` (1e6). Activations of trained
   models stay far below (outlier features reach the 1e3-1e4 range), and larger keys overflow attention scores.
 * Counters and positions: integers in ``[0, MAX_POSITION]`` (2^40, about 1.1e12 tokens: days of a whole server's
@@ -50,7 +53,8 @@ OPTIONAL_COUNTERS = {"tokens_offset": 0}  # files written before streams were co
 # folder does not change a state's meaning; the values read from it are options of their own).
 LOCATION_OPTIONS = frozenset({"checkpoint"})
 _KEY = re.compile(r"^(?:S\.(\d+)|tokens|last_logits|pending\.positions|pending\.target\.(\w+)|"
-                  r"pending\.(\w+)\.(\d+)|kv\.(\d+)\.[kv])$")
+                  r"pending\.(\w+)\.(\d+)|kv\.(\d+)\.[kv]|[AB]\.(?P<factor>\d+))$")
+PRODUCT_BLOCK = 2**22  # entries of S = B A formed at once when its bound must be checked on the product itself
 
 
 def _same(meta: dict[str, str], key: str, expected: str, what: str) -> None:
@@ -65,6 +69,11 @@ def check_compatible(meta: dict[str, str], spec: StateSpec) -> None:
     _same(meta, "layers", json.dumps(list(spec.layers)), "the plastic layers")
     _same(meta, "chunk_size", str(spec.chunk_size), "the chunk size")
     _same(meta, "state_dtype", str(spec.dtype).removeprefix("torch."), "the state dtype")
+    rank = spec.state_rank
+    if meta.get("state_rank") != (None if rank is None else str(rank)):
+        raise IncompatibleStateError(
+            f"state file does not match this runtime: its state rank is {meta.get('state_rank') or 'dense'}, the "
+            f"runtime's is {rank or 'dense'} (state_rank)")
     _same(meta, "fingerprint", spec.fingerprint, "the base model fingerprint")  # last: it also covers the layers
     _check_shapes(meta, spec)
     try:
@@ -121,11 +130,13 @@ def check_tensors(tensors: dict[str, Tensor], counters: dict[str, int], rt: Runt
     spec = rt.state_spec
     for key in tensors:
         match = _KEY.match(key)
-        if match is None or (match.group(1) is not None and int(match.group(1)) not in spec.layers):
+        layer = None if match is None else match.group(1) or match.group("factor")
+        if match is None or (layer is not None and int(layer) not in spec.layers):
             raise MalformedStateError(f"state file holds an unknown tensor {key!r}")
     for layer, (d, f) in zip(spec.layers, spec.shapes):
         if f"S.{layer}" in tensors:
             check_delta(tensors[f"S.{layer}"], layer, (d, f), rt)
+        _check_layer_factors(tensors, layer, (d, f), rt)
     tokens = _ints(tensors, "tokens")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= rt.vocab_size):
         raise MalformedStateError(f"state file tokens must be ids in [0, {rt.vocab_size})")
@@ -155,12 +166,65 @@ def check_delta(s: Tensor, layer: int, shape: tuple[int, int], rt: Runtime) -> N
         raise MalformedStateError(f"S of layer {layer} is {tuple(s.shape)} {s.dtype}, expected {shape} {spec.dtype}")
     if not torch.isfinite(s).all():
         raise MalformedStateError(f"S of layer {layer} holds non-finite values")
-    weight = rt.plastic[layer].weight0
-    limit = min(MAX_DELTA_ABS, torch.finfo(weight.dtype).max / 4)
+    limit = _delta_limit(layer, rt)
     peak = float(s.abs().max()) if s.numel() else 0.0
     if peak > limit:
         raise MalformedStateError(f"S of layer {layer} has entries up to {peak:.3g}, above the bound {limit:.3g} "
                                   "on fast-weight entries; no session of this runtime reaches that")
+
+
+def _delta_limit(layer: int, rt: Runtime) -> float:
+    """The bound on the entries of a layer's S (see the module docstring)."""
+    return min(MAX_DELTA_ABS, torch.finfo(rt.plastic[layer].weight0.dtype).max / 4)
+
+
+def _check_layer_factors(tensors: dict[str, Tensor], layer: int, shape: tuple[int, int], rt: Runtime) -> None:
+    """A rank-r runtime's file holds factors ``B.<layer>``, ``A.<layer>`` (both or neither) and no dense S; a dense
+    runtime's file holds no factors."""
+    rank, B, A = rt.state_spec.state_rank, tensors.get(f"B.{layer}"), tensors.get(f"A.{layer}")
+    if rank is None:
+        if B is not None or A is not None:
+            raise MalformedStateError(f"state file holds factors of layer {layer}, but this runtime keeps a dense S "
+                                      "(it has no state_rank)")
+        return
+    if f"S.{layer}" in tensors:
+        raise MalformedStateError(f"state file holds a dense S of layer {layer}, but this runtime keeps rank-{rank} "
+                                  "factors B A")
+    if (B is None) != (A is None):
+        raise MalformedStateError(f"state file holds {'B' if A is None else 'A'} of layer {layer} without "
+                                  f"{'A' if A is None else 'B'}")
+    if B is not None:
+        check_factors(B, A, layer, shape, rank, rt)
+
+
+def check_factors(B: Tensor, A: Tensor, layer: int, shape: tuple[int, int], rank: int, rt: Runtime) -> None:
+    """The factors ``S = B A`` of ``layer`` are ones a rank-``rank`` runtime can hold: ``B [d, k]``, ``A [k, f]``
+    with ``1 <= k <= rank`` in the state dtype, finite, every entry of each factor and of the S they imply within
+    the S bound (``check_delta``'s). The product is formed (in row blocks) only when the Cauchy-Schwarz bound
+    ``|S_ij| <= ||B_i|| ||A_:j||`` does not settle it. A runtime's own factors stay far inside the factor bound: A
+    has orthonormal rows and each row of B is at most the norm of S's row. Raises ``MalformedStateError``."""
+    spec, (d, f) = rt.state_spec, shape
+    if (B.dtype != spec.dtype or A.dtype != spec.dtype or B.ndim != 2 or A.ndim != 2 or B.shape[0] != d
+            or A.shape[1] != f or B.shape[1] != A.shape[0] or not 1 <= B.shape[1] <= rank):
+        raise MalformedStateError(f"factors of layer {layer} are B {tuple(B.shape)} {B.dtype} and A "
+                                  f"{tuple(A.shape)} {A.dtype}, expected B [{d}, k] and A [k, {f}] in {spec.dtype} "
+                                  f"with 1 <= k <= {rank} (the state rank)")
+    limit = _delta_limit(layer, rt)
+    for name, t in (("B", B), ("A", A)):
+        if not torch.isfinite(t).all():
+            raise MalformedStateError(f"factor {name} of layer {layer} holds non-finite values")
+        peak = float(t.abs().max())
+        if peak > limit:
+            raise MalformedStateError(f"factor {name} of layer {layer} has entries up to {peak:.3g}, above the bound "
+                                      f"{limit:.3g}; no session of this runtime reaches that")
+    B, A = B.float(), A.float()
+    if float(B.norm(dim=1).max()) * float(A.norm(dim=0).max()) <= limit:
+        return
+    rows = max(1, PRODUCT_BLOCK // f)
+    peak = max(float((B[i : i + rows] @ A).abs().max()) for i in range(0, d, rows))
+    if not peak <= limit:  # a product that overflows is inf (and nan is no number below the bound)
+        raise MalformedStateError(f"S = B A of layer {layer} has entries up to {peak:.3g}, above the bound "
+                                  f"{limit:.3g} on fast-weight entries; no session of this runtime reaches that")
 
 
 def _ints(tensors: dict[str, Tensor], key: str) -> Tensor:
