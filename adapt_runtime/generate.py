@@ -32,7 +32,7 @@ def generate(rt: Runtime, input_ids: Tensor | Sequence[int], state: FastWeights,
 
     def stream() -> Iterator[int]:
         if ids.numel():
-            logits = rt.forward(ids, state, adapt=adapt)[0, -1]
+            logits = rt.forward(ids, state, adapt=adapt, logits="last")[0, -1]
         elif state.last_logits is not None:
             logits = state.last_logits
         else:
@@ -42,6 +42,6 @@ def generate(rt: Runtime, input_ids: Tensor | Sequence[int], state: FastWeights,
             yield token
             if token in stops or step == max_new_tokens - 1 or state.kv_len + 1 > rt.max_length:
                 return
-            logits = rt.forward([token], state, adapt=adapt)[0, -1]
+            logits = rt.forward([token], state, adapt=adapt, logits="last")[0, -1]
 
     return stream()

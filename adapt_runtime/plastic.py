@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapt_runtime import kernels, lowrank
+
+if TYPE_CHECKING:
+    from adapt_runtime.one_pass import OnePass
 
 FINAL_SCALE = "inv_rms"  # record name of the final norm's scale (also its name in a state's pending targets)
 
@@ -44,6 +48,7 @@ class Binding:
     factors: list[tuple[Tensor, Tensor] | None] | None = None  # state_rank: each row's (B, A), S = B @ A
     factor_slabs: tuple[Tensor, Tensor] | None = None  # state_rank in the slot pool: (B, A) slabs, rows by ``slots``
     records: dict[str, Tensor] = field(default_factory=dict)
+    one_pass: OnePass | None = None  # a one-pass span: the layer applies and writes its chunks (``one_pass``)
 
 
 class PlasticDown(nn.Module):
@@ -76,6 +81,8 @@ class PlasticDown(nn.Module):
             y = F.linear(x, b.merged.to(x.dtype), self.bias)
         else:
             y = self.base(x)
+            if b.one_pass is not None:
+                y = b.one_pass.layer(self.index, x, y, b.records)
             if b.per_row is not None:
                 rows, steps = x.shape[0], x.shape[1]
                 flat_y = y.reshape(rows * steps, -1).clone()

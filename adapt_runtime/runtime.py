@@ -16,12 +16,13 @@ from torch import Tensor, nn
 
 from adapt_runtime import lowrank
 from adapt_runtime.architectures import ArchSpec, set_path
-from adapt_runtime.chunk_collect import finished, label_last, record
+from adapt_runtime.chunk_collect import finished, label_last, labelled, record
 from adapt_runtime.chunk_grad import ChunkGraph, autograd_on, graph_of, normal
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
 from adapt_runtime.kv import assemble, scatter
 from adapt_runtime.norm_bound import bound_norms
+from adapt_runtime.one_pass import OnePass
 from adapt_runtime.plastic import FINAL_SCALE, Binding, PlasticDown
 from adapt_runtime.rules import Rule
 from adapt_runtime.slots import SlotPool
@@ -61,8 +62,10 @@ class Runtime:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._capture = rule.capture | ({FINAL_SCALE} if rule.reads_final_norm else set())
         self._cache_arg = cache_argument(model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # multi-row calls keep each row's S in slot storage (None: stack every row's S per call, as before)
         self.slot_pool: SlotPool | None = SlotPool(self.state_spec)
+        self.one_pass = True  # layer-local rules read spans in one pass (False: segment by segment, as other rules)
         self.patched = True
 
     def __repr__(self) -> str:
@@ -89,14 +92,23 @@ class Runtime:
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor | Sequence[int], state: FastWeights | list[FastWeights],
-                adapt: bool = True) -> Tensor:
+                adapt: bool = True, logits: str = "all") -> Tensor:
         """Feed tokens to each row's state and return logits `[B, T, V]` (see the module docstring).
+
+        A rule that is ``layer_local`` reads the tokens in one pass through the model (``adapt_runtime.one_pass``);
+        other rules, segment by segment (one model call per piece up to each chunk boundary). Both give the same
+        logits and state.
 
         Args:
             input_ids: `[T]`, `[B, T]` or a list of ids.
             state: one state per row (a single state for B = 1).
             adapt: write the fast weights as chunks complete; False applies S and never writes.
+            logits: ``"all"`` returns `[B, T, V]`; ``"last"`` the last position's `[B, 1, V]` (generation): the
+                unembedding then runs only where something reads it (the rule's own logits are still computed).
         """
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        last = logits == "last"
         ids, states = self._rows(input_ids, state)
         rows, total = ids.shape
         for s in states:
@@ -107,6 +119,13 @@ class Runtime:
         if not adapt and self.rule.writes and total:  # the unadapted positions are skipped, the labels stay aligned
             label_last(self.rule, states, ids[:, 0].tolist())
         adapt = adapt and self.rule.writes
+        if adapt and total > 1 and self._one_pass_rule():
+            self._fire_writes(states, ids[:, 0], {})  # the segment path's first step (a second one is a no-op)
+            out = self._one_pass(ids, states, last)
+            if out is not None:
+                return self._finish(out, states)
+        # the rule's logits: every position of a call when it reads them; else only what the caller reads
+        keep = 0 if not last or (adapt and (self.rule.stashes_targets or self.rule.needs_grad)) else 1
         C = self.config.chunk_size
         outs: list[Tensor] = []
         graphs: dict[int, ChunkGraph] = {}
@@ -124,7 +143,7 @@ class Runtime:
             if grad:
                 capture.add("x")
             seg_ids = ids[:, pos : pos + seg]
-            logits, bindings = self._call(seg_ids, states, frozenset(capture), grad)
+            logits, bindings = self._call(seg_ids, states, frozenset(capture), grad, keep)
             nxt = ids[:, pos + 1 : pos + seg + 1]
             starts = [s.tokens_seen for s in states]
             for b, s in enumerate(states):
@@ -133,11 +152,14 @@ class Runtime:
                     graphs[id(s)] = graph_of(logits, bindings, b)
             if adapt:
                 record(self.rule, states, starts, bindings, logits.detach(), nxt, C)
-            outs.append(logits.detach())
+            outs.append(logits[:, -1:].detach() if last else logits.detach())
             pos += seg
         if not outs:
             return torch.empty(rows, 0, self.vocab_size)
-        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).float()
+        return self._finish(outs[-1] if last else outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), states)
+
+    def _finish(self, out: Tensor, states: list[FastWeights]) -> Tensor:
+        out = out.float()
         for b, s in enumerate(states):
             s.last_logits = out[b, -1].clone()  # a copy: callers may edit the returned logits in place
             s.compact()  # the stream keeps what its KV cache and pending chunk cover (bounded memory)
@@ -162,27 +184,83 @@ class Runtime:
         return ids, states
 
     def _call(self, ids: Tensor, states: list[FastWeights], capture: frozenset[str],
-              grad: bool) -> tuple[Tensor, dict[int, Binding]]:
+              grad: bool, keep: int = 0) -> tuple[Tensor, dict[int, Binding]]:
         if grad:  # autograd on even under torch.no_grad() / torch.inference_mode(), on normal (not inference) tensors
             with autograd_on():
-                return self._call_model(normal(ids), states, capture, grad)
-        return self._call_model(ids, states, capture, grad)
+                return self._call_model(normal(ids), states, capture, grad, keep)
+        return self._call_model(ids, states, capture, grad, keep)
 
-    def _call_model(self, ids: Tensor, states: list[FastWeights], capture: frozenset[str],
-                    grad: bool) -> tuple[Tensor, dict[int, Binding]]:
+    def _call_model(self, ids: Tensor, states: list[FastWeights], capture: frozenset[str], grad: bool,
+                    keep: int = 0, one_pass: OnePass | None = None) -> tuple[Tensor, dict[int, Binding]]:
+        """One model call; ``keep``: the logits of the last ``keep`` positions only (0: all)."""
         batched = assemble(states, ids.shape[1], self.device)
-        bindings = self._bind(states, capture, grad)
+        if one_pass is None:
+            bindings = self._bind(states, capture, grad)
+        else:  # each layer applies and writes its rows' chunks itself
+            bindings = {i: Binding(capture=capture, rows=len(states), one_pass=one_pass) for i in self.plastic}
+            for i, wrapper in self.plastic.items():
+                wrapper.binding = bindings[i]
+        extra = {"logits_to_keep": keep} if keep and self._keeps_logits else {}
         try:
             with torch.set_grad_enabled(grad):
                 out = self.model(input_ids=ids, attention_mask=batched.attention_mask, use_cache=True,
-                                 position_ids=batched.position_ids, **{self._cache_arg: batched.cache})
+                                 position_ids=batched.position_ids, **{self._cache_arg: batched.cache}, **extra)
         finally:
             for wrapper in self.plastic.values():
                 wrapper.binding = None
         scatter(batched, states)
         for s in states:
             s.kv_tokens += ids.shape[1]
-        return out.logits, bindings
+        return (out.logits[:, -keep:] if keep else out.logits), bindings
+
+    # ------------------------------------------------------------------ one pass
+    def _one_pass_rule(self) -> bool:
+        """Whether spans may run in one pass: a layer-local rule on a dense state."""
+        rule = self.rule
+        return (self.one_pass and bool(rule.layer_local) and self.config.state_rank is None and not rule.needs_grad
+                and not rule.reads_final_norm)
+
+    def _one_pass(self, ids: Tensor, states: list[FastWeights], last: bool) -> Tensor | None:
+        """Feed ``ids`` in one model call (``adapt_runtime.one_pass``); the logits, or None (nothing changed but the
+        attempt's time) when the segment path must read them: no chunk completes inside the span, a stashing rule's
+        pending chunk lacks targets, or a layer could not write a chunk as the segment path would."""
+        rule, C, total = self.rule, self.config.chunk_size, ids.shape[1]
+        if rule.stashes_targets and any(len(s.pending) != labelled(s.pending) for s in states):
+            return None
+        c = self.config
+        plan = OnePass.plan(rule, states, ids, C, lr=c.lr, decay=c.decay, clip=c.clip, norm_bound=c.norm_bound,
+                            w0_norm=self._w0_norm)
+        if not plan.fires:
+            return None
+        trails = [row.trail for row in plan.rows]
+        keep = 0
+        if last:  # the pending positions' logits for a rule that reads them, else the last position's
+            keep = max(total - t for t in trails) if rule.stashes_targets else 1
+        saved = [(s.kv, s.kv_tokens) for s in states]
+        logits, bindings = self._call_model(ids, states, frozenset(rule.capture), False, keep, plan)
+        counts = [{plan.fired[i][b] for i in self.plastic} for b in range(len(states))]
+        if plan.failed or any(len(n) != 1 for n in counts):
+            for s, (kv, kv_tokens) in zip(states, saved):
+                s.kv, s.kv_tokens = kv, kv_tokens
+            return None
+        logits = logits.detach()
+        for b, s in enumerate(states):
+            row, fired = plan.rows[b], counts[b].pop()
+            if fired:
+                for i in self.plastic:
+                    s.S[i] = plan.S[i][b]
+                s.writes += fired
+                s.bump()
+            if row.consumes_pending:
+                s.pending.clear()
+            start, t = s.tokens_seen, trails[b]
+            s.tokens.extend(ids[b].tolist())
+            n = total - t
+            trailing = logits[b : b + 1, -n:] if rule.stashes_targets else logits[b : b + 1, -1:].expand(1, n, -1)
+            records = {i: Binding(records={k: v[b : b + 1, t:] for k, v in bnd.records.items()})
+                       for i, bnd in bindings.items()}
+            record(rule, [s], [start + t], records, trailing, ids[b : b + 1, t + 1 :], C)
+        return logits[:, -1:] if last else logits
 
     def _bind(self, states: list[FastWeights], capture: frozenset[str], grad: bool) -> dict[int, Binding]:
         if self.config.state_rank is not None:

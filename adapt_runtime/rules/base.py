@@ -59,6 +59,11 @@ class Rule:
     What the runtime collects for the rule is declared here: ``capture`` names the per-layer records kept for
     each position (``x`` the down projection's input, ``y`` its output, ``h`` the MLP's hidden input);
     ``reads_final_norm`` the final norm's scale; ``needs_grad`` the gradient ``dL/dy`` of each plastic layer.
+
+    ``layer_local``: the write of each plastic layer reads only that layer's own records, the chunk's tokens and
+    labels, and (rules that stash targets) what ``label_targets`` gives from the labels alone: no logits, no final
+    norm, no gradient, no other layer. A span of known tokens then runs through the model once, each plastic layer
+    writing the chunks the span completes as it goes (``adapt_runtime.one_pass``), with the segment path's result.
     """
 
     name: ClassVar[str] = "base"
@@ -66,6 +71,7 @@ class Rule:
     needs_grad: ClassVar[bool] = False
     reads_final_norm: bool = False
     writes: ClassVar[bool] = True
+    layer_local: bool = False
     default_lr: ClassVar[float] = 0.0
     default_chunk_size: ClassVar[int] = 32
     default_layers: ClassVar[str | tuple[int, ...]] = "all"
@@ -97,6 +103,17 @@ class Rule:
 
     def write_rows(self, chunks: list[Chunk]) -> list[list[Write]]:
         """``write`` for the finished chunks of all rows of a call; rules may batch it."""
+        return [self.write(chunk) for chunk in chunks]
+
+    def label_targets(self, labels: Tensor) -> dict[str, Tensor]:
+        """A layer-local rule that stashes targets: what its ``write`` reads of them, from the labels `[n]` alone
+        (the one-pass prefill has no logits for the chunks it completes)."""
+        return {}
+
+    def write_layer(self, chunks: list[Chunk]) -> list[list[Write]]:
+        """A layer-local rule's writes of finished one-layer chunks of one layer, in stream order (one-pass
+        prefill). Their targets may not read the chunks' outputs ``y`` unless ``y`` is captured (then one chunk a
+        call, after the chunk was computed with the S of its time); rules may batch it."""
         return [self.write(chunk) for chunk in chunks]
 
     def __repr__(self) -> str:

@@ -56,6 +56,19 @@ class HebbianRule(Rule):
         self.capture = frozenset({"x", "y"} if target == "output" else {"x"})
         self._unembed: Tensor | None = None
 
+    @property
+    def layer_local(self) -> bool:  # type: ignore[override]
+        """``output``, or ``next_token`` without the final norm's scale, unmodulated, on one plastic layer (the rate's
+        key scale is shared by all plastic layers): a layer's write reads its own records and the labels only."""
+        steps = getattr(self, "steps", None)
+        return (self.target != "error" and not self.reads_final_norm and self.modulation == "none"
+                and len(getattr(self, "_layers", ())) == 1 and (steps is None or steps.plain))
+
+    def label_targets(self, labels: Tensor) -> dict[str, Tensor]:
+        """Unmodulated, ``write`` reads the surprise ``nll`` for its length only."""
+        nll = torch.zeros(labels.shape[0], device=labels.device)
+        return {"nll": nll} if self.target == "output" else {"v": self._unembed[labels].float(), "nll": nll}
+
     def options(self) -> dict[str, Any]:
         return {"target": self.target, "modulation": self.modulation, "topk": self.topk,
                 "norm_jacobian": self.norm_jacobian, **self.steps.options()}
@@ -63,6 +76,7 @@ class HebbianRule(Rule):
     def bind(self, model: nn.Module, arch: ArchSpec, config: RuntimeConfig) -> None:
         self.steps.check_layers(config.layers, config.state_rank)
         self._unembed = model.get_output_embeddings().weight.detach()
+        self._layers = tuple(config.layers)
         self._gain = None
         norm = get_path(model, arch.final_norm)
         weight = getattr(norm, "weight", None)

@@ -38,6 +38,7 @@ class InPlaceTTTRule(Rule):
 
     name = "inplace-ttt"
     default_lr = 0.3
+    layer_local = True  # a layer's targets read its own MLP input (or the tokens' embeddings) and keys only
 
     def __init__(self, checkpoint: str | Path | None = None, conv: dict[int, Tensor] | None = None,
                  proj: dict[int, Tensor] | None = None, ttt_target: str = "hidden_states",
@@ -80,12 +81,29 @@ class InPlaceTTTRule(Rule):
                              f"has them for {sorted(self.conv)}")
         self._embed = model.get_input_embeddings()
 
+    def _source(self, chunk: Chunk, layer: int) -> Tensor:
+        return self._embed(chunk.tokens).detach() if self.ttt_target == "input_embed" else chunk.h[layer]
+
     def write(self, chunk: Chunk) -> list[Write]:
         writes = []
         for layer in chunk.layers:
-            T = self._embed(chunk.tokens).detach() if self.ttt_target == "input_embed" else chunk.h[layer]
+            T = self._source(chunk, layer)
             proj = self.proj[layer].to(T.device).float()
             V = chunk_conv(T, self.conv[layer].to(T.device)) @ proj
             X = chunk.x[layer]
             writes.append(Write(layer, V, X, torch.full((X.shape[0],), chunk.lr, device=X.device)))
         return writes
+
+    def write_layer(self, chunks: list[Chunk]) -> list[list[Write]]:
+        """One layer's chunks of a one-pass span: the conv of all equal-length chunks in one batched call (each
+        chunk zero-padded at its own edges, as ``chunk_conv``) and their projection in one matmul."""
+        if len({len(c) for c in chunks}) != 1 or len(chunks) == 1:
+            return [self.write(chunk) for chunk in chunks]
+        layer = chunks[0].layers[0]
+        T = torch.stack([self._source(c, layer) for c in chunks]).float()  # [J, n, d]
+        conv = self.conv[layer].to(T.device).float()
+        k = conv.shape[-1]
+        V = F.conv1d(T.transpose(1, 2), conv, padding=k // 2, groups=T.shape[2]).transpose(1, 2)
+        V = (V.reshape(-1, V.shape[-1]) @ self.proj[layer].to(T.device).float()).view_as(T)
+        return [[Write(layer, V[j], c.x[layer], torch.full((len(c),), c.lr, device=T.device))]
+                for j, c in enumerate(chunks)]
