@@ -16,6 +16,7 @@ first token under the previous piece's last logits), so a long prompt never hold
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections import deque
@@ -117,7 +118,10 @@ class PromptReader:
         if size == 0:
             return None
         piece = prompt.feed[reading.offset : reading.offset + size]
-        logits = self.rt.forward(piece, prompt.state, adapt=job.adapt)[0]  # [size, V]
+        # the unembedding where it is read: every position for echo's scores, else the last one (a wrapped runtime
+        # whose forward takes no ``logits`` gets them all)
+        last = not prompt.echo and "logits" in inspect.signature(self.rt.forward).parameters
+        logits = self.rt.forward(piece, prompt.state, adapt=job.adapt, **({"logits": "last"} if last else {}))[0]
         if prompt.echo:
             reading.scores.extend(_score(reading.last, logits, piece, job.params.logprobs or 0))
         reading.last = logits[-1].float()
