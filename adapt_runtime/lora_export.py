@@ -12,6 +12,12 @@ read more tokens than the layer's width), a factorisation saves nothing, and the
 float arithmetic is S. The SVD factors are not: each is rounded to float32, so ``B A`` differs from S by about
 ``eps32 * sqrt(r) * ||S||`` (a last-place difference in ~40% of S's entries), which a deep model turns into logit
 differences of ~1e-5 — an export/import round trip or PEFT then no longer reproduces the session exactly.
+
+A rank-r runtime (``state_rank=r``) already holds each layer's S as factors ``B [d, k] A [k, f]`` (``k <= r``), and
+they are written as they are, with no SVD of S: ``lora_B = B``, ``lora_A = A`` (zero-padded to the adapter's rank,
+the largest ``k``; scaling 1), exact bit for bit, and the runtime applies them as PEFT does, ``B (A x)``. A
+``rank`` below a layer's ``k`` takes the best rank-``rank`` factors of ``B A`` (``lowrank.truncate``: thin QRs and
+the SVD of the small core, never the `[d, f]` product).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from adapt_runtime.lora_format import (
     module_name,
     weight_key,
 )
+from adapt_runtime.lowrank import truncate
 from adapt_runtime.state import FastWeights
 
 if TYPE_CHECKING:
@@ -109,6 +116,59 @@ def _padded(t: Tensor, rows: int, cols: int) -> Tensor:
     return out
 
 
+def _held_singular(pair: tuple[Tensor, Tensor], state_dtype: torch.dtype) -> tuple[Tensor, int]:
+    """The singular values of ``S = B A`` (descending) and its numerical rank, from the SVD of the `[k, k]` core
+    ``R_B R_A^T`` of the thin QRs of ``B`` and ``A^T`` (float64; the product is never formed)."""
+    B, A = (t.detach().to("cpu", torch.float64) for t in pair)
+    s = torch.linalg.svdvals(torch.linalg.qr(B, mode="r")[1] @ torch.linalg.qr(A.T, mode="r")[1].T)
+    tol = float(s[0]) * torch.finfo(state_dtype).eps if s.numel() else 0.0
+    return s, int((s > tol).sum())
+
+
+def _held_factors(rt: Runtime, state: FastWeights, rank: int | None
+                  ) -> tuple[int, dict[int, tuple[Tensor, Tensor]], dict[int, int], dict[int, float]]:
+    """A rank-r runtime's adapter: each layer's factors as held (zero-padded to the largest ``k``), or their best
+    rank-``rank`` truncation where ``rank`` is below a layer's ``k``."""
+    spec = rt.state_spec
+    held = {layer: state.factors.get(layer) for layer in spec.layers}
+    width = max((pair[0].shape[1] for pair in held.values() if pair is not None), default=0)
+    r = max(1, width if rank is None else min(rank, width))
+    out, numerical, errors = {}, {}, {}
+    for layer, (d, f) in zip(spec.layers, spec.shapes):
+        pair, errors[layer], numerical[layer] = held[layer], 0.0, 0
+        if pair is None:
+            out[layer] = (torch.zeros(d, r), torch.zeros(r, f))
+            continue
+        singular, numerical[layer] = _held_singular(pair, spec.dtype)
+        B, A = (t.detach().to("cpu", torch.float32) for t in pair)
+        if B.shape[1] > r:
+            B, A = truncate(B, A, r)
+            errors[layer] = _rel_error(singular, r)
+        out[layer] = (_padded(B, d, r), _padded(A, r, f))
+    return r, out, numerical, errors
+
+
+def _svd_factors(rt: Runtime, state: FastWeights, rank: int | None
+                 ) -> tuple[int, dict[int, tuple[Tensor, Tensor]], dict[int, int], dict[int, float]]:
+    """A dense S's adapter: ``I S`` at full rank, else the (truncated) SVD factors (see the module docstring)."""
+    spec = rt.state_spec
+    factors = {layer: _svd(state.S[layer], shape, spec.dtype) for layer, shape in zip(spec.layers, spec.shapes)}
+    state_rank = max(fa.numerical_rank for fa in factors.values())
+    r = max(1, state_rank if rank is None else min(rank, state_rank))
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    errors: dict[int, float] = {}
+    for layer, (d, f) in zip(spec.layers, spec.shapes):
+        fa = factors[layer]
+        if r >= min(d, f):  # no smaller than S itself: B A = S exactly
+            errors[layer] = 0.0
+            out[layer] = _exact(state.S[layer], r, d, f)
+        else:
+            kept = min(r, fa.numerical_rank)
+            errors[layer] = _rel_error(fa.singular, kept)
+            out[layer] = (_padded(fa.B[:, :kept], d, r), _padded(fa.A[:kept], r, f))
+    return r, out, {layer: fa.numerical_rank for layer, fa in factors.items()}, errors
+
+
 def lora_files(rt: Runtime, state: FastWeights, rank: int | None = None) -> LoraExport:
     """The adapter's files in memory (see ``export_lora``)."""
     if state.spec is not rt.state_spec:
@@ -116,24 +176,13 @@ def lora_files(rt: Runtime, state: FastWeights, rank: int | None = None) -> Lora
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
     spec = rt.state_spec
-    factors = {layer: _svd(state.S[layer], shape, spec.dtype) for layer, shape in zip(spec.layers, spec.shapes)}
-    state_rank = max(fa.numerical_rank for fa in factors.values())
-    r = max(1, state_rank if rank is None else min(rank, state_rank))
+    make = _svd_factors if spec.state_rank is None else _held_factors
+    r, factors, numerical, errors = make(rt, state, rank)
     tensors: dict[str, Tensor] = {}
-    errors: dict[int, float] = {}
-    for layer, (d, f) in zip(spec.layers, spec.shapes):
-        fa = factors[layer]
+    for layer in spec.layers:
         name = module_name(rt, layer)
-        if r >= min(d, f):  # no smaller than S itself: B A = S exactly
-            errors[layer] = 0.0
-            B, A = _exact(state.S[layer], r, d, f)
-        else:
-            kept = min(r, fa.numerical_rank)
-            errors[layer] = _rel_error(fa.singular, kept)
-            B, A = _padded(fa.B[:, :kept], d, r), _padded(fa.A[:kept], r, f)
-        tensors[weight_key(name, "lora_A.weight")] = A
-        tensors[weight_key(name, "lora_B.weight")] = B
-    numerical = {layer: fa.numerical_rank for layer, fa in factors.items()}
+        tensors[weight_key(name, "lora_A.weight")] = factors[layer][1]
+        tensors[weight_key(name, "lora_B.weight")] = factors[layer][0]
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -157,6 +206,7 @@ def lora_files(rt: Runtime, state: FastWeights, rank: int | None = None) -> Lora
         "rule": spec.rule,
         "layers": list(spec.layers),
         "requested_rank": rank,
+        "state_rank": spec.state_rank,
         "rank": r,
         "numerical_rank": {str(k): v for k, v in numerical.items()},
         "rel_frobenius_error": {str(k): v for k, v in errors.items()},
@@ -176,7 +226,8 @@ def export_lora(rt: Runtime, state: FastWeights, path: str | Path, rank: int | N
         rt: the runtime the state belongs to.
         state: the session state; only S is exported (a pending, not yet written chunk is not part of S).
         path: the adapter directory (``adapter_config.json`` and ``adapter_model.safetensors``).
-        rank: None for an exact adapter (rank = the state's numerical rank), else at most this rank.
+        rank: None for an exact adapter (rank = the state's numerical rank; for a rank-r runtime, the largest rank
+            its factors hold), else at most this rank.
 
     Returns:
         A ``LoraExport`` with the rank, each layer's numerical rank and relative Frobenius error.

@@ -6,6 +6,12 @@ that a plain delta on W0 cannot represent: DoRA, LoRA bias, modules_to_save, per
 rsLoRA scaling (alpha / sqrt(r)) is supported. The fast weights an adapter implies pass the same check as the S of
 a state file (``state_validation.check_delta``: finite, every entry within the S bound), so that a session seeded
 from an adapter can always be saved and loaded again; an adapter beyond it is a ``LoraFormatError``.
+
+Into a rank-r runtime (``state_rank=r``) a layer's adapter becomes the state's factors ``B = (alpha/r) lora_B``,
+``A = lora_A`` as they are (no SVD; for an adapter this runtime exported, alpha = r and the factors come back bit for
+bit), without the components that contribute nothing (the zero padding of a layer of lower rank). Their rank must
+be at most r (``LoraIncompatibleError`` otherwise: export the adapter at that rank), and they pass the state file's
+factor check (``state_validation.check_factors``).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from adapt_runtime.lora_format import (
 )
 from adapt_runtime.plastic import PlasticDown
 from adapt_runtime.state import FastWeights
-from adapt_runtime.state_validation import check_delta
+from adapt_runtime.state_validation import check_delta, check_factors
 
 if TYPE_CHECKING:
     from adapt_runtime.runtime import Runtime
@@ -191,6 +197,30 @@ def _split_key(key: str) -> tuple[str, str]:
                                 "(DoRA magnitudes, embedding adapters and biases are not supported)")
 
 
+def _as_factors(rt: Runtime, module: str, layer: int, B: Tensor, A: Tensor, scale: float
+                ) -> tuple[Tensor, Tensor] | None:
+    """A rank-r runtime's factors ``(scale B, A)`` of one module, without the components that contribute nothing;
+    None when none is left."""
+    spec = rt.state_spec
+    rank, shape = spec.state_rank, spec.shapes[spec.layers.index(layer)]
+    B = (B.to(torch.float64) * scale).to(torch.float32)  # exact for scale 1 and a float32 B
+    A = A.to(torch.float32)
+    keep = B.any(dim=0) & A.any(dim=1)
+    B, A = B[:, keep].contiguous(), A[keep].contiguous()
+    if not keep.any():
+        return None
+    if B.shape[1] > rank:
+        raise LoraIncompatibleError(f"module {module!r}: the adapter has rank {B.shape[1]}, but this runtime holds "
+                                    f"states of rank at most {rank} (state_rank); export the adapter with rank "
+                                    f"<= {rank}")
+    try:  # the factors a state file could hold, checked as a state import checks them
+        check_factors(B, A, layer, shape, rank, rt)
+    except MalformedStateError as err:
+        raise LoraFormatError(f"module {module!r}: the factors (alpha/r) lora_B, lora_A of the adapter are refused: "
+                              f"{err}") from None
+    return B.to(spec.device), A.to(spec.device)
+
+
 def lora_from_files(rt: Runtime, config_bytes: bytes, weights_bytes: bytes) -> FastWeights:
     """A fresh state from an adapter's two files in memory (see ``import_lora``)."""
     config = _parse_config(config_bytes)
@@ -233,6 +263,11 @@ def lora_from_files(rt: Runtime, config_bytes: bytes, weights_bytes: bytes) -> F
                                   f"have the config's rank r={r}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise LoraFormatError(f"module {module!r} holds non-finite weights")
+        if spec.state_rank is not None:
+            held = _as_factors(rt, module, layer, B, A, scale)
+            if held is not None:
+                state.factors[layer] = held
+            continue
         S = ((B.to(torch.float64) @ A.to(torch.float64)) * scale).to(device=spec.device, dtype=spec.dtype)
         try:  # the S a state file could hold, checked as a state import checks it (overflow is non-finite here)
             check_delta(S, layer, (d, f), rt)
