@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,24 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from adapt_runtime.serving.launch import ServerProcess, free_port, healthy
 
 
 def wait_http(url: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+    while not healthy(url, timeout=2):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer /health in {timeout} s")
         time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer /health in {timeout} s")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -206,19 +196,13 @@ def cluster_run(config: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def single_run(args: argparse.Namespace) -> dict[str, Any]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "adapt_runtime.serving.cli", "--port", str(port), "--threads", "1",
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = ServerProcess(["--threads", "1", "--log-level", "warning"])
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url)
-        result = best_latency(url, args)
+        result = best_latency(server.url, args)
         result.pop("placements")
         return result
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def table(commits: list[dict[str, Any]], single: dict[str, Any], cluster: dict[str, Any], args: Any) -> str:

@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from adapt_runtime.serving.launch import ServerProcess
 from tqdm import tqdm
 
 KEY = "bench-key"
@@ -70,45 +69,9 @@ class Soak:
     rss_samples_mb: list[float] = field(default_factory=list)
 
 
-class ServerProcess:
-    def __init__(self, rule: str, model: str, threads: int, log_path: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "adapt_runtime.serving.cli", "--model", model, "--rule", rule,
-               "--port", str(self.port), "--api-key", KEY, "--log-level", "warning",
-               "--max-concurrent-requests", "256", "--threads", str(threads)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"adapt-serve exited early; see {log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("adapt-serve did not start")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+def start_server(rule: str, model: str, threads: int, log_path: Path) -> ServerProcess:
+    return ServerProcess(["--model", model, "--rule", rule, "--api-key", KEY, "--log-level", "warning",
+                          "--max-concurrent-requests", "256", "--threads", str(threads)], log_path=log_path)
 
 
 async def stream_once(http: httpx.AsyncClient, sid: str, prompt: str, max_tokens: int) -> RequestStats:
@@ -300,7 +263,7 @@ def main() -> int:
     soak_result = None
     with tqdm(total=len(rules) * len(counts), desc="measurements") as bar:
         for rule in rules:
-            server = ServerProcess(rule, args.model, args.threads, log_path)
+            server = start_server(rule, args.model, args.threads, log_path)
             try:
                 for n in counts:
                     runs = [asyncio.run(measure(server, rule, n, args.turns, args.max_tokens))

@@ -13,7 +13,8 @@ import httpx
 from adapt_runtime.serving.cluster.cli_ray import build_application
 from adapt_runtime.serving.cluster.config import ClusterConfig, open_states
 from adapt_runtime.serving.config import ServerConfig
-from redis_testing import RedisServer, free_port
+from adapt_runtime.serving.launch import free_port
+from redis_testing import RedisServer
 
 APP = "adapt"
 

@@ -9,12 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from adapt_runtime.serving.launch import free_port
 
 
 class RedisServer:

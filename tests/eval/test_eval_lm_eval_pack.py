@@ -2,10 +2,6 @@
 
 import math
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,33 +17,15 @@ PACK = Path(__file__).resolve().parents[2] / "eval" / "lm_eval_tasks"
 TASKS = ["adapt_assoc_recall_mc", "adapt_label_map_symbol", "adapt_niah_mc"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "adapt_runtime.serving.cli", "--model", "llama", "--rule",
-                             "hebbian", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from adapt_runtime.serving.launch import ServerProcess
+
+    proc = ServerProcess(["--model", "llama", "--rule", "hebbian"], startup_timeout=60)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"adapt-serve exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("adapt-serve did not come up in 60 s")
-        yield f"http://127.0.0.1:{port}/v1/completions"
+        yield f"{proc.url}/v1/completions"
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.stop()
 
 
 def test_lm_eval_scores_adapt_serve_with_the_pack(server):
