@@ -27,6 +27,9 @@ def bound_norms(s: FastWeights, bound: float | None, w0_norm: dict[int, float]) 
         limit = bound * w0_norm[layer]
         if norm > limit:
             s.S[layer].mul_(limit / norm)
+            slow = s.extra.get("slow", {}).get(layer)  # two time scales: the slow part is part of S
+            if slow is not None:
+                slow.mul_(limit / norm)
             changed = True
     if changed:
         s.bump()

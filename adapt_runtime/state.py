@@ -77,6 +77,7 @@ class FastWeights:
         self.version = 0
         self.kv_tokens = 0
         self.factors: dict[int, tuple[Tensor, Tensor]] = {}  # state_rank runtimes: S = B @ A per layer
+        self.extra: dict[str, dict[int, Tensor]] = {}  # the rule's step state besides S (rules.steps: momentum, slow)
 
     def bump(self) -> None:
         """Mark S as changed (a process-wide counter, so a (state, version) pair is never reused)."""
@@ -117,6 +118,7 @@ class FastWeights:
         stream (``POSITION_BYTES`` per token and per pending position)."""
         total = sum(s.numel() * s.element_size() for s in self.S.values() if s is not None)
         total += sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
+        total += sum(t.numel() * t.element_size() for part in self.extra.values() for t in part.values())
         if self.kv:
             total += sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
         if self.last_logits is not None:
@@ -152,6 +154,7 @@ class FastWeights:
         """Back to a fresh state: S = 0, no stream, no KV, counters at 0."""
         self.S = {layer: None for layer in self.spec.layers}
         self.factors = {}
+        self.extra = {}
         self.pending.clear()
         self.kv = None
         self.tokens = []
@@ -166,6 +169,7 @@ class FastWeights:
         copy = FastWeights(self.spec)
         copy.S = {k: None if s is None else s.clone() for k, s in self.S.items()}
         copy.factors = {k: (b.clone(), a.clone()) for k, (b, a) in self.factors.items()}
+        copy.extra = {name: {k: t.clone() for k, t in part.items()} for name, part in self.extra.items()}
         copy.pending = self.pending.clone()
         copy.kv = None if self.kv is None else [(k.clone(), v.clone()) for k, v in self.kv]
         copy.tokens, copy.tokens_offset = list(self.tokens), self.tokens_offset

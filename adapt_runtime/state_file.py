@@ -13,7 +13,13 @@ from safetensors.torch import save as st_save
 from adapt_runtime.atomic import atomic_write
 from adapt_runtime.errors import IncompatibleStateError, MalformedStateError, StateFileError
 from adapt_runtime.state import FastWeights, retained_start
-from adapt_runtime.state_validation import check_compatible, check_tensors, header_metadata, read_counters
+from adapt_runtime.state_validation import (
+    EXTRA_TENSORS,
+    check_compatible,
+    check_tensors,
+    header_metadata,
+    read_counters,
+)
 
 if TYPE_CHECKING:
     from adapt_runtime.runtime import Runtime
@@ -28,6 +34,7 @@ def state_to_bytes(state: FastWeights, include_kv: bool = True, extra_metadata: 
     so it is written in the same atomic write as the tensors (loading ignores it)."""
     spec = state.spec
     tensors = {f"S.{k}": s.contiguous() for k, s in state.S.items() if s is not None}
+    tensors.update({f"{name}.{k}": t.contiguous() for name, part in state.extra.items() for k, t in part.items()})
     for k, (b, a) in state.factors.items():  # a rank-r runtime's S = B A, factors as held (rank k <= r)
         tensors[f"B.{k}"], tensors[f"A.{k}"] = b.contiguous(), a.contiguous()
     tensors.update({k: v.contiguous() for k, v in state.pending.tensors().items()})
@@ -88,6 +95,9 @@ def state_from_bytes(data: bytes, rt: Runtime) -> FastWeights:
     for layer in spec.layers:
         if f"S.{layer}" in tensors:
             state.S[layer] = tensors[f"S.{layer}"].to(spec.device)
+        for name in EXTRA_TENSORS:  # the steps' own state (momentum, slow part), checked as S
+            if f"{name}.{layer}" in tensors:
+                state.extra.setdefault(name, {})[layer] = tensors[f"{name}.{layer}"].to(spec.device)
         if f"B.{layer}" in tensors:
             state.factors[layer] = (tensors[f"B.{layer}"].to(spec.device), tensors[f"A.{layer}"].to(spec.device))
     state.pending.load_tensors({k: v.to(spec.device) for k, v in tensors.items() if k.startswith("pending.")

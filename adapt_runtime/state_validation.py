@@ -53,7 +53,10 @@ OPTIONAL_COUNTERS = {"tokens_offset": 0}  # files written before streams were co
 # folder does not change a state's meaning; the values read from it are options of their own).
 LOCATION_OPTIONS = frozenset({"checkpoint"})
 _KEY = re.compile(r"^(?:S\.(\d+)|tokens|last_logits|pending\.positions|pending\.target\.(\w+)|"
-                  r"pending\.(\w+)\.(\d+)|kv\.(\d+)\.[kv]|[AB]\.(?P<factor>\d+))$")
+                  r"pending\.(\w+)\.(\d+)|kv\.(\d+)\.[kv]|[AB]\.(?P<factor>\d+)"
+                  r"|(?P<extra>momentum|slow)\.(?P<extra_layer>\d+))$")
+# per-layer tensors a rule's steps keep besides S (``adapt_runtime.rules.steps``), checked as S is
+EXTRA_TENSORS = ("momentum", "slow")
 PRODUCT_BLOCK = 2**22  # entries of S = B A formed at once when its bound must be checked on the product itself
 
 
@@ -133,9 +136,16 @@ def check_tensors(tensors: dict[str, Tensor], counters: dict[str, int], rt: Runt
         layer = None if match is None else match.group(1) or match.group("factor")
         if match is None or (layer is not None and int(layer) not in spec.layers):
             raise MalformedStateError(f"state file holds an unknown tensor {key!r}")
+        extra = match.group("extra")
+        if extra is not None and (int(match.group("extra_layer")) not in spec.layers
+                                  or extra not in getattr(getattr(rt.rule, "steps", None), "extras", ())):
+            raise MalformedStateError(f"state file holds {key!r}, which this rule's steps do not keep")
     for layer, (d, f) in zip(spec.layers, spec.shapes):
         if f"S.{layer}" in tensors:
             check_delta(tensors[f"S.{layer}"], layer, (d, f), rt)
+        for name in EXTRA_TENSORS:
+            if f"{name}.{layer}" in tensors:
+                check_delta(tensors[f"{name}.{layer}"], layer, (d, f), rt)
         _check_layer_factors(tensors, layer, (d, f), rt)
     tokens = _ints(tensors, "tokens")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= rt.vocab_size):

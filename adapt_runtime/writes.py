@@ -11,7 +11,9 @@ A rule's step options (``Write.steps``, ``adapt_runtime.rules.steps``) are taken
 that comes out non-finite is refused like any other write: per-layer rates scale ``beta``; the delta form alone is
 ``kernels.write``'s own (``erase``), and with a normalised or orthogonalised step its targets are formed first
 (``V - erase * decay * X S^T``); the orthogonalised step replaces the targets by the Newton-Schulz ones; the
-normalised step scales ``beta`` to the step's norm.
+normalised step scales ``beta`` to the step's norm. Momentum and two time scales keep tensors of their own
+in the state (``FastWeights.extra``): the velocity takes the step through ``kernels.write`` and S takes the
+velocity; the slow part is folded in after the write (``step_with_extras``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def take_steps(s: FastWeights, writes: list[Write], steps: Steps, decay: float,
                w0_norm: dict[int, float]) -> tuple[list[Write], dict[int, float]]:
     """The writes of ``steps`` (see the module docstring) and, per layer, the ``erase`` left to ``kernels.write``
     (none when the targets were formed here)."""
-    fused = steps.write_form == "delta" and steps.normalise is None and not steps.orthogonalise
+    fused = (steps.write_form == "delta" and steps.normalise is None and not steps.orthogonalise
+             and not steps.extras)
     out, erase = [], {}
     for w in writes:
         rate = steps.rate(s.spec.layers, w.layer)
@@ -64,6 +67,9 @@ def take_steps(s: FastWeights, writes: list[Write], steps: Steps, decay: float,
         if fused:
             erase[w.layer] = retrieve
         elif steps.write_form == "delta" and S is not None:
+            if steps.fast_decay is not None:  # retrieve from what S decays to: decay (L + g (S - L))
+                slow = s.extra.get("slow", {}).get(w.layer)
+                S = S.float() * steps.fast_decay + (0 if slow is None else (1 - steps.fast_decay) * slow.float())
             V = V.float() - retrieve * (X.float() @ S.float().T)
         if steps.orthogonalise:
             V = newton_schulz(V.double() * beta.double()[:, None], X).float()
@@ -95,6 +101,37 @@ def writes_are_safe(s: FastWeights, writes: list[Write], erase: dict[int, float]
     return False
 
 
+def extra_tensor(s: FastWeights, name: str, layer: int, like: Tensor) -> Tensor:
+    """The state's ``name`` tensor of ``layer`` (``FastWeights.extra``), zeros like ``like`` on first use."""
+    part = s.extra.setdefault(name, {})
+    t = part.get(layer)
+    if t is None:
+        t = part[layer] = torch.zeros_like(like)
+    elif t.is_inference() and not torch.is_inference_mode_enabled():
+        t = part[layer] = t.clone()  # made under inference_mode, written outside it
+    return t
+
+
+def step_with_extras(s: FastWeights, S: Tensor, w: Write, steps: Steps, decay: float, max_norm: Tensor | None) -> None:
+    """One layer's step with momentum and/or two time scales (see ``adapt_runtime.rules.steps``), in place."""
+    slot = torch.zeros(1, dtype=torch.long, device=S.device)
+    keep = decay if steps.fast_decay is None else decay * steps.fast_decay
+    if steps.momentum:
+        M = extra_tensor(s, "momentum", w.layer, S)
+        kernels.write(M[None], slot, w.V[None], w.X[None], w.beta[None], steps.momentum, None)  # M <- mu M + U
+        scale = 1.0
+        if max_norm is not None:
+            norm = float(torch.linalg.vector_norm(M, dtype=torch.float32))
+            scale = min(1.0, float(max_norm[0]) / max(norm, 1e-30))
+        S.mul_(keep).add_(M, alpha=scale)
+    else:
+        kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], keep, max_norm)
+    if steps.fast_decay is not None:
+        L = extra_tensor(s, "slow", w.layer, S)
+        S.add_(L, alpha=decay * (1.0 - steps.fast_decay))  # S' = decay (L + g (S - L)) + step
+        L.mul_((1.0 - steps.consolidate) * decay).add_(S, alpha=steps.consolidate)  # L' = decay L + c (S' - decay L)
+
+
 def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float | None,
                  w0_norm: dict[int, float]) -> bool:
     """Write every layer of ``writes`` into ``s`` or none of them; count it (``writes`` or ``refused_writes``).
@@ -119,6 +156,9 @@ def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float 
         S = s.delta(w.layer, create=True)
         if S.is_inference() and not torch.is_inference_mode_enabled() and not S._is_view():
             S = s.S[w.layer] = S.clone()  # made under inference_mode, written outside it (a slot's view stays put)
+        if steps is not None and steps.extras:
+            step_with_extras(s, S, w, steps, decay if w.decay is None else w.decay, max_norm)
+            continue
         kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], decay if w.decay is None else w.decay,
                       max_norm, **delta_form)
     s.writes += 1

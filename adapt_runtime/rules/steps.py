@@ -19,6 +19,14 @@ written as it is, ``S <- decay * S + clip(U)``, exactly as before these options 
   `[d, f]` update is never formed and the write stays a ``kernels.write`` of targets ``M^T A`` at keys ``X``.
 * ``layer_rates=(r_0, ...)``: one factor per plastic layer (in layer order) on that layer's rates (with
   ``normalise``, on its step norm).
+* ``momentum=mu``: heavy-ball momentum over chunks. A velocity ``M`` per layer (kept in the state, saved with it)
+  takes the steps, ``M <- mu M + U``, and S takes the velocity, ``S <- decay S + clip(M)``.
+* ``fast_decay=g`` (with ``consolidate=c``): two time scales. S is the sum of a fast part that decays by ``g`` per
+  chunk and a slow part ``L`` (kept in the state, saved with it) that consolidates a fraction ``c`` of the fast part
+  each chunk: ``S' = decay (L + g (S - L)) + step``, then ``L' = decay L + c (S' - decay L)``. The apply reads S
+  alone, so the extra part costs memory, never time. ``c = 0`` leaves L at zero: a plain decay of ``g``.
+
+Those with a state of their own (``extras``) name it ``momentum`` and ``slow``; the others need none.
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ class Steps:
     normalise: float | None = None
     orthogonalise: bool = False
     layer_rates: tuple[float, ...] | None = None
+    momentum: float = 0.0
+    fast_decay: float | None = None
+    consolidate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.write_form not in WRITE_FORMS:
@@ -66,6 +77,20 @@ class Steps:
             if not rates or not all(math.isfinite(r) and r >= 0 for r in rates):
                 raise ValueError(f"layer_rates must be finite numbers >= 0, one per plastic layer, got {rates}")
             object.__setattr__(self, "layer_rates", rates)
+        for name, high in (("momentum", 1.0), ("consolidate", 1.0 + 1e-12), ("fast_decay", 1.0 + 1e-12)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (isinstance(value, (int, float)) and 0 <= value < high):
+                raise ValueError(f"{name} must be a number in [0, {'1)' if high == 1.0 else '1]'}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.consolidate and self.fast_decay is None:
+            raise ValueError("consolidate needs fast_decay (the two time scales)")
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """Names of the per-layer `[d, f]` tensors these steps keep in a state besides S."""
+        return (("momentum",) if self.momentum else ()) + (("slow",) if self.fast_decay is not None else ())
 
     @property
     def plain(self) -> bool:

@@ -28,7 +28,8 @@ CASES = [pytest.param(rule, name, id=f"{rule}-{name}") for rule, name in INVARIA
 
 
 def runtime(rule: str, options: dict, chunk_size: int = 5, **kwargs) -> ar.Runtime:
-    return ar.patch(tiny_model(), rule=rule, chunk_size=chunk_size, lr=LR[rule], norm_bound=0, **{**options, **kwargs})
+    options = {"norm_bound": 0, **options, **kwargs}
+    return ar.patch(tiny_model(), rule=rule, chunk_size=chunk_size, lr=LR[rule], **options)
 
 
 def record_writes(rt: ar.Runtime, monkeypatch: pytest.MonkeyPatch) -> list[list[Write]]:
@@ -255,3 +256,158 @@ def test_a_non_finite_step_is_refused(rule, name, poison, monkeypatch):
     monkeypatch.undo()
     rt.forward(tokens(5, seed=2), state)
     assert state.writes == 2 and state.refused_writes == 1
+
+
+# ------------------------------------------------------------------ steps with a state of their own
+
+EXTRA_OPTIONS = {
+    "momentum": {"momentum": 0.5},
+    "two-scale": {"fast_decay": 0.7, "consolidate": 0.2},
+    "both-delta": {"momentum": 0.5, "fast_decay": 0.7, "consolidate": 0.2, "write_form": "delta"},
+}
+EXTRA_CASES = [pytest.param("gradient", "momentum", id="gradient-momentum"),
+               pytest.param("hebbian", "two-scale", id="hebbian-two-scale"),
+               pytest.param("gradient", "both-delta", id="gradient-both-delta")]
+
+
+@pytest.mark.parametrize("bad", [{"momentum": 1.0}, {"momentum": -0.1}, {"fast_decay": 1.5},
+                                 {"consolidate": 0.5}, {"fast_decay": 0.5, "consolidate": 2.0}])
+def test_bad_extra_step_options_are_clear(bad):
+    with pytest.raises(ValueError, match="momentum|fast_decay|consolidate"):
+        ar.patch(tiny_model(), rule="gradient", **bad)
+
+
+def test_momentum_is_heavy_ball_over_chunks(monkeypatch):
+    """``M <- mu M + U``, ``S <- decay S + M`` with the rule's own updates (float64 here), chunk by chunk."""
+    mu, decay = 0.5, 0.9
+    rt = runtime("gradient", {"momentum": mu}, decay=decay)
+    seen = record_writes(rt, monkeypatch)
+    state = rt.new_state()
+    rt.forward(tokens(16), state)  # chunks 0, 1, 2 written
+    assert state.writes == 3
+    for layer in rt.config.layers:
+        M = S = torch.zeros(state.spec.shapes[0], dtype=torch.float64)
+        for writes in seen:
+            w = next(w for w in writes if w.layer == layer)
+            M = mu * M + (w.V.double() * w.beta.double()[:, None]).T @ w.X.double()
+            S = decay * S + M
+        assert_close(state.extra["momentum"][layer].double(), M, "reference")
+        assert_close(state.S[layer].double(), S, "reference")
+
+
+def test_two_time_scales_fast_part_decays_slow_part_consolidates(monkeypatch):
+    """``S' = decay (L + g (S - L)) + U``, ``L' = decay L + c (S' - decay L)`` (float64 here), and the slow part
+    keeps a share of an old write after the fast part has forgotten it."""
+    g, c, decay = 0.6, 0.25, 0.95
+    rt = runtime("hebbian", {"fast_decay": g, "consolidate": c}, decay=decay)
+    seen = record_writes(rt, monkeypatch)
+    state = rt.new_state()
+    rt.forward(tokens(21), state)  # chunks 0..3 written
+    assert state.writes == 4
+    for layer in rt.config.layers:
+        S = L = torch.zeros(state.spec.shapes[0], dtype=torch.float64)
+        for writes in seen:
+            w = next(w for w in writes if w.layer == layer)
+            S = decay * (L + g * (S - L)) + (w.V.double() * w.beta.double()[:, None]).T @ w.X.double()
+            L = decay * L + c * (S - decay * L)
+        assert_close(state.S[layer].double(), S, "reference")
+        assert_close(state.extra["slow"][layer].double(), L, "reference")
+        assert L.norm() > 0
+
+
+def test_norm_bound_scales_the_slow_part_with_S():
+    rt = runtime("gradient", {"fast_decay": 0.7, "consolidate": 0.5}, norm_bound=1e-3)
+    state = rt.new_state()
+    rt.forward(tokens(21), state)
+    for layer in rt.config.layers:
+        assert float(state.S[layer].norm()) <= 1e-3 * rt._w0_norm[layer] * (1 + 1e-5)
+        assert float(state.extra["slow"][layer].norm()) <= float(state.S[layer].norm()) * 1.5
+
+
+@pytest.mark.parametrize("rule,name", EXTRA_CASES)
+def test_extra_steps_causality_and_batching(rule, name):
+    rt = runtime(rule, EXTRA_OPTIONS[name], chunk_size=7)
+    ids = tokens(30)
+    p = 16
+    other = ids.clone()
+    other[p + 1] = 3 + (int(ids[p + 1]) - 2) % (VOCAB - 3)
+    a = rt.forward(ids, rt.new_state())
+    b = rt.forward(other, rt.new_state())
+    assert_close(a[:, : p + 1], b[:, : p + 1], "prefix")
+    assert_close(a[:, : p + 1], rt.forward(ids[: p + 1], rt.new_state()), "prefix")
+    prefixes = [tokens(9, seed=1), tokens(16, seed=2), tokens(3, seed=3)]
+    nxt = torch.stack([tokens(12, seed=10 + i) for i in range(3)])
+    alone = [rt.new_state() for _ in prefixes]
+    batched = [rt.new_state() for _ in prefixes]
+    for prefix, x, y in zip(prefixes, alone, batched):
+        rt.forward(prefix, x)
+        rt.forward(prefix, y)
+    expected = torch.cat([rt.forward(nxt[i], s) for i, s in enumerate(alone)])
+    assert_close(rt.forward(nxt, batched), expected, "logits")
+    for x, y in zip(alone, batched):
+        assert x.writes == y.writes > 0 and set(x.extra) == set(y.extra) == set(rt.rule.steps.extras)
+        for part in x.extra:
+            for layer, t in x.extra[part].items():
+                assert_close(y.extra[part][layer], t, "state")
+
+
+@pytest.mark.parametrize("rule,name", EXTRA_CASES)
+def test_extra_steps_state_file_carries_their_tensors(rule, name, tmp_path):
+    """The momentum and slow part are saved and loaded with S; clone and reset carry them; a file with them is
+    refused by a runtime whose steps keep none, and a forged one by the S checks."""
+    rt = runtime(rule, EXTRA_OPTIONS[name])
+    state = rt.new_state()
+    rt.forward(tokens(13), state)
+    assert set(state.extra) == set(rt.rule.steps.extras)
+    state.save(tmp_path / "s.safetensors")
+    loaded = ar.load_state(tmp_path / "s.safetensors", rt)
+    fork = state.clone()
+    for part in state.extra:
+        for layer, t in state.extra[part].items():
+            assert torch.equal(loaded.extra[part][layer], t) and torch.equal(fork.extra[part][layer], t)
+    more = tokens(11, seed=4)
+    assert_close(rt.forward(more, loaded), rt.forward(more, state), "logits")
+    assert state.nbytes > rt.new_state().nbytes + sum(t.numel() * 4 for p in state.extra.values() for t in p.values())
+    fork.reset()
+    assert fork.extra == {}
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "s.safetensors")
+    from adapt_runtime.state_file import file_metadata
+
+    meta = file_metadata(tmp_path / "s.safetensors")
+    key = next(k for k in tensors if k.startswith(("momentum.", "slow.")))
+    forged = dict(tensors)
+    forged[key] = forged[key] * float("inf")
+    save_file(forged, tmp_path / "forged.safetensors", metadata=meta)
+    with pytest.raises(ar.MalformedStateError, match="non-finite"):
+        ar.load_state(tmp_path / "forged.safetensors", rt)
+    stray = dict(tensors)
+    other = "slow" if key.startswith("momentum") else "momentum"
+    stray_key = f"{other}.{rt.config.layers[0]}" if other not in rt.rule.steps.extras else f"{other}.99"
+    stray[stray_key] = tensors[key].clone()  # a part these steps do not keep, or a layer that is not plastic
+    save_file(stray, tmp_path / "stray.safetensors", metadata=meta)
+    with pytest.raises(ar.MalformedStateError, match="do not keep"):
+        ar.load_state(tmp_path / "stray.safetensors", rt)
+
+
+@pytest.mark.parametrize("rule,name", EXTRA_CASES)
+def test_extra_steps_refuse_a_non_finite_step(rule, name, monkeypatch):
+    """A refused write leaves S and the step's own tensors bit for bit as they were."""
+    rt = runtime(rule, EXTRA_OPTIONS[name], decay=0.9)
+    state = rt.new_state()
+    rt.forward(tokens(6), state)
+    before = {i: S.clone() for i, S in state.S.items() if S is not None}
+    extra = {p: {i: t.clone() for i, t in part.items()} for p, part in state.extra.items()}
+    write = rt.rule.write
+
+    def bad(chunk):
+        writes = write(chunk)
+        w = writes[0]
+        return [Write(w.layer, w.V * 1e30, w.X * 1e30, w.beta, w.steps), *writes[1:]]
+
+    monkeypatch.setattr(rt.rule, "write", bad)
+    rt.forward(tokens(5, seed=1), state)
+    assert state.writes == 1 and state.refused_writes == 1
+    assert all(torch.equal(state.S[i], S) for i, S in before.items())
+    assert all(torch.equal(state.extra[p][i], t) for p, part in extra.items() for i, t in part.items())
