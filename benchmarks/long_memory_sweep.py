@@ -32,14 +32,22 @@ TUNE_FRACTION = 0.75
 
 
 def parse_config(text: str) -> dict:
-    """``"decay=0.998,lr=2"`` -> ``{"decay": 0.998, "lr": 2.0}`` (numbers as floats, else strings)."""
+    """``"decay=0.998,lr=2"`` -> ``{"decay": 0.998, "lr": 2.0}`` (numbers as floats, ``true``/``false`` as booleans,
+    ``a/b/c`` as a list of numbers, e.g. ``layer_rates=0.5/1/2``, else strings). The rules' step options
+    (``adapt_runtime.rules.steps``) are options like any other: ``"write_form=delta,norm_bound=0"``,
+    ``"normalise=0.005"``, ``"orthogonalise=true"``, ``"momentum=0.5"``, ``"fast_decay=0.9,consolidate=0.05"``."""
     out: dict = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        key, _, value = part.partition("=")
-        try:
-            out[key.strip()] = int(value) if value.strip().isdigit() and key.strip() == "chunk_size" else float(value)
-        except ValueError:
-            out[key.strip()] = value.strip()
+        key, _, value = (x.strip() for x in part.partition("="))
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        elif "/" in value:
+            out[key] = [float(v) for v in value.split("/")]
+        else:
+            try:
+                out[key] = int(value) if value.isdigit() and key == "chunk_size" else float(value)
+            except ValueError:
+                out[key] = value
     return out
 
 
