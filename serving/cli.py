@@ -120,6 +120,10 @@ class RuleName(click.ParamType):
 @click.option("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, show_default=True,
               help="Most prompt tokens read between two decode steps, so a long prompt does not stall the "
                    "streams that are decoding (read in pieces, round-robin); 0 reads each prompt whole.")
+@click.option("--state-rank", type=int, default=None,
+              help="Hold each session's fast weights as rank-R factors B A (R (d + f) numbers per plastic layer "
+                   "instead of d f): many more sessions fit in --session-memory-budget, at a small quality cost "
+                   "(README, 'Compact state'). Their state files and adapters hold the factors. Default: dense.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Server log verbosity.")
 @cluster_options

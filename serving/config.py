@@ -40,6 +40,7 @@ class ServerConfig:
     read_timeout: float = 30.0
     send_timeout: float = 60.0
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK  # prompt tokens between two decode steps; 0/None: whole
+    state_rank: int | None = None  # each session's S as rank-r factors B A (``ar.patch(state_rank=r)``); None: dense
 
     def __post_init__(self) -> None:
         from adapt_runtime.rules import rule_names  # the registry is the one list of rules
@@ -68,6 +69,11 @@ class ServerConfig:
             raise ValueError(f"max_sessions_per_key: must be > 0, got {self.max_sessions_per_key}")
         if self.prefill_chunk is not None and self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk: must be >= 0 (0: whole prompts at once), got {self.prefill_chunk}")
+        if self.state_rank is not None and (type(self.state_rank) is not int or self.state_rank <= 0):
+            raise ValueError(f"state_rank: must be an integer > 0, got {self.state_rank!r}")
+        if self.state_rank is not None and self.rule_config.get("state_rank", self.state_rank) != self.state_rank:
+            raise ValueError(f"state_rank: {self.state_rank} differs from the rule config's state_rank "
+                             f"{self.rule_config['state_rank']!r}; give it once")
 
     @property
     def session_quota(self) -> int:
@@ -76,6 +82,14 @@ class ServerConfig:
         if self.max_sessions_per_key is not None:
             return min(self.max_sessions_per_key, self.max_sessions)
         return max(1, self.max_sessions // 4) if len(self.api_keys) > 1 else self.max_sessions
+
+    @property
+    def patch_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``ar.patch`` besides the rule: the rule config, with ``state_rank``."""
+        options = dict(self.rule_config)
+        if self.state_rank is not None:
+            options["state_rank"] = self.state_rank
+        return options
 
     @property
     def model_name(self) -> str:

@@ -37,7 +37,7 @@ def create_context(config: ServerConfig, make_store: Callable[[Any, Callable[[st
     # tokens while a step runs instead of waiting up to 5 ms for the GIL
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     model, tokenizer = ar.load_model(config.model, dtype=config.dtype, device=config.device)
-    runtime = ar.patch(model, rule=config.rule, **config.rule_config)
+    runtime = ar.patch(model, rule=config.rule, **config.patch_options)
     metrics = Metrics()
     engine = Engine(runtime, tokenizer, config.max_model_len, on_step=metrics.on_step,
                     prefill_chunk=config.prefill_chunk)
