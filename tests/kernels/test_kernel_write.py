@@ -162,3 +162,9 @@ def test_write_delta_refuses_non_finite(impl: str, request: pytest.FixtureReques
     assert norms[0].isfinite() and not norms[1].isfinite()
     assert torch.equal(S[1], before[1])
     assert_close("norm", ref[0], norms[0], RATIO[f32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", params([c for c in GPU_CASES if c.T <= 512]))
+def test_write_delta_cuda(case: Case) -> None:
+    _stream(case, "auto", GPU_RATIO[case.dtype], device="cuda", erase=1.0)
