@@ -41,11 +41,13 @@ def _stash(states: Sequence[FastWeights], targets: dict[str, Tensor], per_row: i
 
 
 def record(rule: Rule, states: Sequence[FastWeights], starts: Sequence[int], bindings: dict[int, Binding],
-           logits: Tensor, nxt: Tensor, chunk_size: int) -> None:
+           logits: Tensor, nxt: Tensor, chunk_size: int, n: int | None = None) -> None:
     """One call's segment of each row into its pending chunk. ``starts``: each row's stream position of the
-    segment's first token; ``logits`` `[B, n, V]`; ``nxt`` `[B, k]` the known next tokens of the first ``k`` positions
-    (``k`` is ``n`` or ``n - 1``: the last position's label comes with the next call)."""
-    rows, n = logits.shape[0], logits.shape[1]
+    segment's first token; ``n`` the segment's length (default: the logits'); ``logits`` `[B, n, V]`, or fewer
+    positions when the rule stashes no targets (a caller that reads only the last); ``nxt`` `[B, k]` the known next
+    tokens of the first ``k`` positions (``k`` is ``n`` or ``n - 1``: the last position's label comes with the next
+    call)."""
+    rows, n = logits.shape[0], logits.shape[1] if n is None else n
     last = bindings[max(bindings)]
     for b, s in enumerate(states):
         pending = s.pending

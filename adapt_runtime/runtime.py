@@ -151,7 +151,7 @@ class Runtime:
                 if grad:
                     graphs[id(s)] = graph_of(logits, bindings, b)
             if adapt:
-                record(self.rule, states, starts, bindings, logits.detach(), nxt, C)
+                record(self.rule, states, starts, bindings, logits.detach(), nxt, C, n=seg)
             outs.append(logits[:, -1:].detach() if last else logits.detach())
             pos += seg
         if not outs:
