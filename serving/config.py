@@ -10,37 +10,84 @@ from typing import Any
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per decode step (see benchmarks/prefill_interleave.py)
 
 
+def knob(default: Any, help: str, *, kind: str | None = None, flag: str | None = None, metavar: str | None = None,
+         shown: str | None = None) -> Any:
+    """A ``ServerConfig`` field with its one help text; ``adapt-serve`` makes its option from it.
+
+    ``kind`` says how the command line reads it when not from the type alone: ``bytes`` (512K, 2M), ``duration``
+    (30s, 24h, 7d), ``json`` (an object), ``rule`` (a registry name), ``keys`` (repeatable), ``switch``
+    (``--x/--no-x``), ``dir``, ``file``, or ``choice:a|b|c``; ``flag`` the option's name when it is not the field's;
+    ``shown`` the default as ``--help`` prints it.
+    """
+    meta = {"help": help, "kind": kind, "flag": flag, "metavar": metavar, "shown": shown}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """Settings of one server process. Validated on construction; errors name the field."""
+    """Settings of one server process. Validated on construction; errors name the field. Each field's help is the
+    ``adapt-serve`` option's help (``serving/cli.py`` makes the options from these fields)."""
 
-    model: str = "llama"
-    rule: str = "hebbian"
-    rule_config: dict[str, Any] = field(default_factory=dict)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: tuple[str, ...] = ()
-    served_model_name: str | None = None
-    max_model_len: int | None = None
-    max_sessions: int = 1024
-    auto_create_sessions: bool = True
-    session_memory_budget: int = 256 * 2**20
-    session_dir: Path | None = None
-    session_ttl: float = 7 * 24 * 3600.0
-    max_request_bytes: int = 2 * 2**20
-    max_concurrent_requests: int = 64
-    chat_template: str | None = None
-    dtype: str | None = None
-    device: str | None = None
-    threads: int | None = None
-    max_read_tokens: int = 262144
-    max_choices_per_request: int = 64
-    max_tokens_per_request: int = 262144
-    max_sessions_per_key: int | None = None
-    read_timeout: float = 30.0
-    send_timeout: float = 60.0
-    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK  # prompt tokens between two decode steps; 0/None: whole
-    state_rank: int | None = None  # each session's S as rank-r factors B A (``ar.patch(state_rank=r)``); None: dense
+    model: str = knob("llama", "Model to serve: 'llama' (the bundled stories260K, offline), a local HF directory "
+                      "or a hub id.")
+    rule: str = knob("hebbian", "How each session's fast weights learn while it reads; 'none' serves the plain "
+                     "model. Any rule in the registry: adapt_runtime.rules.RULES, and packages' "
+                     "'adapt_runtime.rules' entry points.", kind="rule")
+    rule_config: dict[str, Any] = knob({}, 'Rule settings as a JSON object, e.g. \'{"lr": 0.01, "chunk_size": 32, '
+                                       '"layers": "last:2"}\'.', kind="json", metavar="JSON")
+    host: str = knob("127.0.0.1", "Interface to bind. The default answers only this machine; use 0.0.0.0 with "
+                     "--api-key.")
+    port: int = knob(8000, "TCP port.")
+    api_keys: tuple[str, ...] = knob((), "Accepted bearer key (repeat for several). Also read from "
+                                     "ADAPT_SERVE_API_KEY. With any key set, every route but /health needs one; "
+                                     "sessions belong to the key that made them.", kind="keys", flag="--api-key",
+                                     metavar="KEY")
+    served_model_name: str | None = knob(None, "Model id shown in /v1/models (default: --model).")
+    max_model_len: int | None = knob(None, "Longest context (prompt + answer) in tokens; default: the model's own "
+                                     "maximum.")
+    max_sessions: int = knob(1024, "Most sessions held (in memory and on disk); creating more answers 429.")
+    auto_create_sessions: bool = knob(True, "Create a session on first use of an unknown X-Session-ID (any id of "
+                                      "1-128 characters [A-Za-z0-9_.:-]), in the caller's own namespace; with "
+                                      "--no-..., only POST /v1/sessions creates.", kind="switch")
+    session_memory_budget: int = knob(256 * 2**20, "Bytes of session state kept in memory; least recently used "
+                                      "sessions go to disk beyond it.", kind="bytes", metavar="BYTES", shown="256M")
+    session_dir: Path | None = knob(None, "Directory where sessions are persisted (written on every turn, reloaded "
+                                    "on restart). Without it, evicted sessions go to a temporary directory deleted "
+                                    "at exit.", kind="dir")
+    session_ttl: float = knob(7 * 24 * 3600.0, "Sessions unused for this long are deleted, files included (e.g. "
+                              "3600, 30m, 24h, 7d).", kind="duration", metavar="DURATION", shown="7d")
+    max_request_bytes: int = knob(2 * 2**20, "Largest request body; bigger ones answer 413 (state imports get room "
+                                  "for one state).", kind="bytes", metavar="BYTES", shown="2M")
+    max_concurrent_requests: int = knob(64, "Inference requests in flight at once; more answer 429 with "
+                                        "Retry-After.")
+    chat_template: str | None = knob(None, "Jinja chat template file; default: the tokenizer's, or a plain "
+                                     "'User:/Assistant:' layout.", kind="file")
+    dtype: str | None = knob(None, "Model weight dtype; default: the checkpoint's own. Fast weights stay float32.",
+                             kind="choice:float32|bfloat16|float16")
+    device: str | None = knob(None, "Torch device, e.g. cpu or cuda:0; default cpu.")
+    threads: int | None = knob(None, "Torch CPU threads; default: torch's own. Small models decode fastest with 1 "
+                               "(extra threads mostly spin, and starve when the machine is shared).")
+    max_read_tokens: int = knob(262144, "Most tokens one request may read into a session's memory (POST "
+                                "/v1/sessions/{id}/read, and the overflow of a long_prompt request).")
+    max_choices_per_request: int = knob(64, "Most choices (prompts x n) one request may ask for; more answer 400.")
+    max_tokens_per_request: int = knob(262144, "Most tokens one request may cost (its prompt tokens plus choices x "
+                                       "max_tokens); more answer 400.")
+    max_sessions_per_key: int | None = knob(None, "Most sessions one API key may hold; more answer 429. Default: a "
+                                            "quarter of --max-sessions when several keys are set, else "
+                                            "--max-sessions.")
+    read_timeout: float = knob(30.0, "Time a client has to send a request's headers, and then its body; slower "
+                               "ones are cut off.", kind="duration", metavar="DURATION", shown="30s")
+    send_timeout: float = knob(60.0, "Time a client may leave a response (or a stream) unread before the server "
+                               "drops it and frees its slot.", kind="duration", metavar="DURATION", shown="60s")
+    prefill_chunk: int | None = knob(DEFAULT_PREFILL_CHUNK, "Most prompt tokens read between two decode steps, so "
+                                     "a long prompt does not stall the streams that are decoding (read in pieces, "
+                                     "round-robin); 0 reads each prompt whole.")
+    state_rank: int | None = knob(None, "Hold each session's fast weights as rank-R factors B A (R (d + f) numbers "
+                                  "per plastic layer instead of d f): many more sessions fit in "
+                                  "--session-memory-budget, at a small quality cost (README, 'Compact state'). "
+                                  "Their state files and adapters hold the factors. Default: dense.")
 
     def __post_init__(self) -> None:
         from adapt_runtime.rules import rule_names  # the registry is the one list of rules
