@@ -25,6 +25,7 @@ OPTIONS = {
 INVARIANT_CASES = [("hebbian", "delta"), ("gradient", "delta"), ("hebbian", "all"), ("gradient", "all"),
                    ("gradient", "normalised"), ("hebbian", "orthogonalised"), ("gradient", "rates")]
 CASES = [pytest.param(rule, name, id=f"{rule}-{name}") for rule, name in INVARIANT_CASES]
+BATCHED_CASES = [c for c in CASES if c.id.endswith(("delta", "all", "normalised"))]  # the slowest invariant
 
 
 def runtime(rule: str, options: dict, chunk_size: int = 5, **kwargs) -> ar.Runtime:
@@ -70,8 +71,7 @@ def test_bad_step_options_are_clear(bad):
 # ------------------------------------------------------------------ definitions
 
 
-@pytest.mark.parametrize("rule", list(LR))
-@pytest.mark.parametrize("erase", [1.0, 0.5])
+@pytest.mark.parametrize("rule,erase", [("gradient", 1.0), ("hebbian", 0.5)])
 def test_delta_form_is_the_delta_rule(rule, erase, monkeypatch):
     """``S' = decay S + (V - erase decay X S^T)^T diag(beta) X`` with the rule's own V, X, beta (float64 here)."""
     decay = 0.9
@@ -179,7 +179,7 @@ def test_causality(rule, name):
     assert not torch.allclose(a[:, p + 2 :], b[:, p + 2 :], **tolerance("logits"))
 
 
-@pytest.mark.parametrize("rule,name", CASES)
+@pytest.mark.parametrize("rule,name", BATCHED_CASES)
 def test_batched_rows_equal_rows_alone(rule, name):
     rt = runtime(rule, OPTIONS[name])
     prefixes = [tokens(9, seed=1), tokens(16, seed=2), tokens(3, seed=3)]
