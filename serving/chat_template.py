@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.failures import InvalidRequest
 from adapt_runtime.serving.protocol import ChatMessage
 
 _ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
@@ -33,8 +33,8 @@ class ChatTemplate:
                 plain, chat_template=self.jinja, add_generation_prompt=add_generation_prompt, tokenize=False
             )
         except Exception as exc:  # noqa: BLE001 - template errors are the request's problem (e.g. role order)
-            raise APIError(400, f"the chat template rejected these messages: {exc}", "invalid_messages",
-                           "messages") from None
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", "invalid_messages",
+                                 "messages") from None
         return str(text), False
 
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from adapt_runtime.serving.chat_template import ChatTemplate
 from adapt_runtime.serving.config import ServerConfig
 from adapt_runtime.serving.engine import Engine
-from adapt_runtime.serving.errors import APIError, retry_later
+from adapt_runtime.serving.failures import InvalidRequest, LimitReached, NotFound
 from adapt_runtime.serving.metrics import Metrics
 from adapt_runtime.serving.sessions import SessionStore
 from fastapi import Request
@@ -37,14 +37,14 @@ class ServerContext:
     def check_model(self, requested: str | None) -> None:
         """Requests may omit ``model`` or name the served model; anything else is 404, as in vLLM."""
         if requested and requested != self.model_name:
-            raise APIError(404, f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
+            raise NotFound(f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
                            "model_not_found", "model")
 
     def admit(self) -> None:
         """Count an inference request in; 429 with Retry-After past ``--max-concurrent-requests``."""
         if self.inflight >= self.config.max_concurrent_requests:
-            raise retry_later(429, "the server is at its limit of concurrent requests; retry shortly",
-                              "server_overloaded", 1)
+            raise LimitReached("the server is at its limit of concurrent requests; retry shortly",
+                               "server_overloaded")
         self.inflight += 1
         self.metrics.running.set(self.inflight)
 
@@ -56,12 +56,12 @@ class ServerContext:
         """400 past ``--max-choices-per-request`` (prompts x n) or ``--max-tokens-per-request`` (prompt tokens
         plus choices x max_tokens)."""
         if choices > self.config.max_choices_per_request:
-            raise APIError(400, f"the request asks for {choices} choices (prompts x n); this server allows at most "
-                           f"{self.config.max_choices_per_request}", "too_many_choices", "n")
+            raise InvalidRequest(f"the request asks for {choices} choices (prompts x n); this server allows at most "
+                                 f"{self.config.max_choices_per_request}", "too_many_choices", "n")
         if tokens is not None and tokens > self.config.max_tokens_per_request:
-            raise APIError(400, f"the request would cost {tokens} tokens (prompt tokens + choices x max_tokens); "
-                           f"this server allows at most {self.config.max_tokens_per_request}", "too_many_tokens",
-                           "max_tokens")
+            raise InvalidRequest(f"the request would cost {tokens} tokens (prompt tokens + choices x max_tokens); "
+                                 f"this server allows at most {self.config.max_tokens_per_request}",
+                                 "too_many_tokens", "max_tokens")
 
 
 async def off_loop(chars: int, fn: Callable[..., T], *args: Any) -> T:

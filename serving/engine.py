@@ -13,8 +13,8 @@ from typing import Any
 
 from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
 from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.errors import APIError
 from adapt_runtime.serving.events import Done, Event, Failed
+from adapt_runtime.serving.failures import InvalidRequest
 from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
 
 POLL_S = 0.001
@@ -45,16 +45,15 @@ class Engine:
     def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                           "invalid_token_id", param)
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                                 "invalid_token_id", param)
         return ids
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len == 0:
-            raise APIError(400, "the prompt is empty after tokenization", "empty_prompt", "prompt")
+            raise InvalidRequest("the prompt is empty after tokenization", "empty_prompt", "prompt")
         if prompt_len + max_tokens > self.max_len:
-            raise APIError(
-                400,
+            raise InvalidRequest(
                 f"this model's maximum context length is {self.max_len} tokens; the request has {prompt_len} "
                 f"prompt tokens and asks for {max_tokens} more",
                 "context_length_exceeded",

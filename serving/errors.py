@@ -1,4 +1,5 @@
-"""APIError and the OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}`` on every path."""
+"""The HTTP edge's errors: the one table from domain errors (``failures.py``) to status codes, ``APIError`` for what
+only the edge knows, and the OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}`` on every path."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import logging
 from typing import Any
 
+from adapt_runtime.serving.failures import Conflict, InvalidRequest, LimitReached, NotFound, ServingError, Unavailable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,8 +30,19 @@ _TYPES = {
 }
 
 
-class APIError(Exception):
-    """An error a client can act on; rendered as the OpenAI envelope with ``status``."""
+# The status code of each kind of domain error: the one place the domain meets HTTP.
+STATUS: dict[type[ServingError], int] = {
+    InvalidRequest: 400,
+    NotFound: 404,
+    Conflict: 409,
+    LimitReached: 429,
+    Unavailable: 503,
+}
+
+
+class APIError(ServingError):
+    """An error with its HTTP status, raised by the edge itself (auth, body limits, routes); rendered as the OpenAI
+    envelope with ``status``."""
 
     def __init__(
         self,
@@ -39,11 +52,8 @@ class APIError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, code, param)
         self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -71,6 +81,15 @@ def envelope_bytes(status: int, message: str, code: str) -> bytes:
     return json.dumps(envelope(status, message, code)).encode()
 
 
+def http_error(err: ServingError) -> APIError:
+    """The HTTP form of any serving error: its status from ``STATUS`` (by kind), ``Retry-After`` when it says."""
+    if isinstance(err, APIError):
+        return err
+    status = next((code for kind, code in STATUS.items() if isinstance(err, kind)), 500)
+    headers = {} if err.retry_after is None else {"Retry-After": str(err.retry_after)}
+    return APIError(status, err.message, err.code, err.param, headers)
+
+
 def retry_later(status: int, message: str, code: str, seconds: int = 1) -> APIError:
     """429/503 errors carry ``Retry-After`` so clients (the openai SDK included) back off."""
     return APIError(status, message, code, headers={"Retry-After": str(seconds)})
@@ -90,9 +109,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the framework or a route raises leaves as the envelope, never as FastAPI's default."""
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    @app.exception_handler(ServingError)
+    async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
+        return http_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

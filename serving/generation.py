@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from adapt_runtime.serving.context import ServerContext, system_fingerprint
-from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.errors import APIError, http_error
 from adapt_runtime.serving.events import Done, Failed, Finished, PromptScored, Token
+from adapt_runtime.serving.failures import ServingError
 from adapt_runtime.serving.protocol import StreamOptions
 from adapt_runtime.serving.scheduler import Job
 from adapt_runtime.serving.sse import DONE, ClosingStream, frame, race_disconnect
@@ -106,8 +107,8 @@ class Generation:
 
 
 def as_api_error(error: BaseException) -> APIError:
-    if isinstance(error, APIError):
-        return error
+    if isinstance(error, ServingError):
+        return http_error(error)
     if isinstance(error, ar.ContextOverflowError):
         return APIError(400, str(error), "context_length_exceeded", "prompt")
     log.error("generation failed: %r", error)
@@ -137,7 +138,7 @@ async def respond(gen: Generation, request: Request, stream: bool, options: Stre
             return Response(status_code=499)
         ctx.metrics.requests.labels(endpoint=gen.endpoint, outcome="ok").inc()
         return JSONResponse(folded, headers=headers)
-    except APIError as err:
+    except ServingError as err:
         ctx.metrics.errors.labels(code=err.code).inc()
         raise
     finally:
@@ -189,10 +190,10 @@ async def _sse(gen: Generation, parts: AsyncIterator[dict], first: dict | None,
         if options.include_usage:
             yield frame({**gen.header(gen.fmt.chunk_object), "choices": [], "usage": gen.usage(), **gen.extras()})
         outcome = "ok"
-    except APIError as err:
+    except ServingError as err:
         outcome = "error"
         ctx.metrics.errors.labels(code=err.code).inc()
-        yield frame(err.body())
+        yield frame(http_error(err).body())
     except Exception as exc:  # noqa: BLE001 - headers are out; the client gets an SSE error event
         outcome = "error"
         log.exception("stream failed")

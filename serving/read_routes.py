@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapt_runtime.serving.context import ServerContext, ctx_of, off_loop
-from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.errors import APIError, http_error
 from adapt_runtime.serving.events import Failed, PromptScored
+from adapt_runtime.serving.failures import ServingError
 from adapt_runtime.serving.generation import as_api_error
 from adapt_runtime.serving.protocol import ReadRequest
 from adapt_runtime.serving.sampling import SamplingParams
@@ -153,9 +154,9 @@ async def _sse(ctx: ServerContext, reading: DocumentRead) -> AsyncIterator[bytes
         await reading.turn.finish(reading.turn.state)
         yield frame(reading.body())
         outcome = "ok"
-    except APIError as err:
+    except ServingError as err:
         outcome = "error"
-        yield frame(err.body())
+        yield frame(http_error(err).body())
     finally:
         await _finish(ctx, reading.turn, outcome)
     yield DONE

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapt_runtime.serving.errors import APIError, retry_later
+from adapt_runtime.serving.failures import Conflict, InvalidRequest, LimitReached, NotFound, Unavailable
 from adapt_runtime.serving.session_files import SESSION_ID, STAT_FIELDS, SessionFiles, SessionRecord, state_stats
 
 log = logging.getLogger("adapt_serve")
@@ -75,8 +75,8 @@ def new_session_id() -> str:
 
 def check_session_id(sid: str) -> str:
     if not SESSION_ID.fullmatch(sid):  # fullmatch: "$" alone would accept "id\n"
-        raise APIError(400, "a session id is 1-128 characters of [A-Za-z0-9_.:-], starting with a letter or digit",
-                       "invalid_session_id", "session_id")
+        raise InvalidRequest("a session id is 1-128 characters of [A-Za-z0-9_.:-], starting with a letter or digit",
+                             "invalid_session_id", "session_id")
     return sid
 
 
@@ -137,14 +137,14 @@ class SessionStore:
         if len(self._sessions) >= self.max_sessions:
             await self.reap()
         if sid is not None and (owner, sid) in self._sessions:
-            raise APIError(409, f"session {sid} was just created by another request; retry", "session_busy",
-                           "session_id", {"Retry-After": "1"})
+            raise Conflict(f"session {sid} was just created by another request; retry", "session_busy",
+                           "session_id", retry_after=1)
         if len(self._sessions) >= self.max_sessions:
-            raise retry_later(429, f"the server holds its maximum of {self.max_sessions} sessions; delete some",
-                              "session_limit_reached", 5)
+            raise LimitReached(f"the server holds its maximum of {self.max_sessions} sessions; delete some",
+                               "session_limit_reached", retry_after=5)
         if sum(1 for s in self._sessions.values() if s.record.owner == owner) >= self.max_per_owner:
-            raise retry_later(429, f"this API key holds its quota of {self.max_per_owner} sessions; delete some",
-                              "session_quota_reached", 5)
+            raise LimitReached(f"this API key holds its quota of {self.max_per_owner} sessions; delete some",
+                               "session_quota_reached", retry_after=5)
         now = time.time()
         record = SessionRecord(sid or new_session_id(), owner, now, now, 0, dict(metadata or {}))
         session = self._session(record, state if state is not None else self._new_state())
@@ -166,7 +166,7 @@ class SessionStore:
             self._drop(session, "ttl")
             session = None
         if session is None:
-            raise APIError(404, f"session {sid} not found", "session_not_found", "session_id")
+            raise NotFound(f"session {sid} not found", "session_not_found", "session_id")
         return session
 
     def list(self, owner: str) -> list[Session]:
@@ -177,14 +177,14 @@ class SessionStore:
         """Start a turn: busy (409 if already), resident; returns the committed state (do not mutate it)."""
         if session.busy:
             self._on_event("busy")
-            raise APIError(409, f"session {session.id} is in another turn; retry when it finishes",
-                           "session_busy", "session_id", {"Retry-After": "1"})
+            raise Conflict(f"session {session.id} is in another turn; retry when it finishes",
+                           "session_busy", "session_id", retry_after=1)
         session.busy = session.queued = True
         try:
             async with self._io(session):
                 session.queued = False
                 if session.deleted:
-                    raise APIError(404, f"session {session.id} was deleted", "session_not_found", "session_id")
+                    raise NotFound(f"session {session.id} was deleted", "session_not_found", "session_id")
                 if session.state is None:
                     session.state = await asyncio.to_thread(self._read, session.record)
         except BaseException:
@@ -215,13 +215,13 @@ class SessionStore:
 
     async def delete(self, session: Session) -> None:
         """Delete a session and its files. A turn queued behind the DELETE gets 404 and writes nothing back."""
-        busy = APIError(409, f"session {session.id} is in a turn; delete it when the turn ends",
-                        "session_busy", "session_id", {"Retry-After": "1"})
+        busy = Conflict(f"session {session.id} is in a turn; delete it when the turn ends",
+                        "session_busy", "session_id", retry_after=1)
         if session.busy and not session.queued:
             raise busy
         async with self._io(session):
             if session.deleted:
-                raise APIError(404, f"session {session.id} not found", "session_not_found", "session_id")
+                raise NotFound(f"session {session.id} not found", "session_not_found", "session_id")
             if session.busy and not session.queued:  # a turn took the lock first and runs now
                 raise busy
             self._drop(session, "api")
@@ -283,13 +283,13 @@ class SessionStore:
         (404 for a deleted session, 503 when the write fails: then nothing changes)."""
         async with self._io(session):
             if session.deleted:
-                raise APIError(404, f"session {session.id} was deleted", "session_not_found", "session_id")
+                raise NotFound(f"session {session.id} was deleted", "session_not_found", "session_id")
             try:
                 new = await asyncio.to_thread(self.files.write, record, state)
             except OSError as err:
                 log.warning("cannot write session %s: %s", session.id, err)
-                raise retry_later(503, f"session {session.id} could not be saved ({err.strerror or err}); "
-                                  "nothing of this request was kept", "session_write_failed", 1) from None
+                raise Unavailable(f"session {session.id} could not be saved ({err.strerror or err}); "
+                                  "nothing of this request was kept", "session_write_failed") from None
             session.state, session.record = state, new
 
     def _read(self, record: SessionRecord) -> Any:

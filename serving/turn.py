@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from adapt_runtime.serving.context import ServerContext, principal_of
-from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.failures import InvalidRequest, NotFound
 from adapt_runtime.serving.sessions import Session, check_session_id
 from fastapi import Request
 
@@ -29,8 +29,8 @@ def session_id_of(request: Request, body_id: str | None) -> str | None:
     """The session named by the ``X-Session-ID`` header or the ``session_id`` field; 400 if they differ."""
     header = request.headers.get(SESSION_HEADER)
     if header is not None and body_id is not None and header != body_id:
-        raise APIError(400, f"the {SESSION_HEADER} header and the session_id field name different sessions",
-                       "session_id_mismatch", "session_id")
+        raise InvalidRequest(f"the {SESSION_HEADER} header and the session_id field name different sessions",
+                             "session_id_mismatch", "session_id")
     sid = header if header is not None else body_id
     return None if sid is None else check_session_id(sid)
 
@@ -96,8 +96,8 @@ async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, a
     owner = principal_of(request)
     try:
         session = ctx.store.get(owner, sid)
-    except APIError as err:
-        if err.code != "session_not_found" or not ctx.config.auto_create_sessions:
+    except NotFound:
+        if not ctx.config.auto_create_sessions:
             raise
         return Turn(ctx, None, ctx.engine.rt.new_state(), adapt, unknown=(owner, sid))  # created by ``claim``
     committed = await ctx.store.acquire(session)

@@ -11,6 +11,7 @@ decides where the cache is warm. The cache holds committed states only, so evict
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections import OrderedDict
@@ -20,7 +21,7 @@ from typing import Any
 
 from adapt_runtime.serving.cluster.lease import Lease, LeaseBusy, StoreUnavailable
 from adapt_runtime.serving.cluster.state_store import CommitRejected, StateStore
-from adapt_runtime.serving.errors import APIError, retry_later
+from adapt_runtime.serving.failures import Conflict, LimitReached, NotFound, Unavailable
 from adapt_runtime.serving.session_files import SessionRecord
 from adapt_runtime.serving.sessions import Session, check_session_id, new_session_id
 
@@ -34,9 +35,9 @@ class ClusterSession(Session):
     base: int = 0
 
 
-def unavailable(err: Exception) -> APIError:
+def unavailable(err: Exception) -> Unavailable:
     log.warning("session store unavailable: %s", err)
-    return retry_later(503, "the session store is unavailable; retry shortly", "session_store_unavailable", 1)
+    return Unavailable("the session store is unavailable; retry shortly", "session_store_unavailable")
 
 
 class ClusterSessionStore:
@@ -80,7 +81,7 @@ class ClusterSessionStore:
         key = f"{owner}/{sid}"
         record = self._guard(self.states.record, key)
         if record is None or record["owner"] != owner:
-            raise APIError(404, f"session {sid} not found", "session_not_found", "session_id")
+            raise NotFound(f"session {sid} not found", "session_not_found", "session_id")
         rec = SessionRecord(sid, owner, record["created_at"], record["last_used"], record["turns"],
                             record["metadata"])
         busy = self._guard(self.leases.holder_of, key) is not None
@@ -90,11 +91,8 @@ class ClusterSessionStore:
     def list(self, owner: str) -> list[ClusterSession]:
         sessions = []
         for sid in self._guard(self.states.ids, owner):
-            try:
+            with contextlib.suppress(NotFound):  # deleted since the listing
                 sessions.append(self.get(owner, sid))
-            except APIError as err:
-                if err.code != "session_not_found":
-                    raise
         return sorted(sessions, key=lambda s: s.record.created_at)
 
     # life cycle -------------------------------------------------------------------------------------------
@@ -104,11 +102,11 @@ class ClusterSessionStore:
         sid = sid or new_session_id()
         key = f"{owner}/{sid}"
         if self._guard(self.states.count) >= self.max_sessions:
-            raise retry_later(429, f"the cluster holds its maximum of {self.max_sessions} sessions; delete some",
-                              "session_limit_reached", 5)
+            raise LimitReached(f"the cluster holds its maximum of {self.max_sessions} sessions; delete some",
+                               "session_limit_reached", retry_after=5)
         if len(self._guard(self.states.ids, owner)) >= self.max_per_owner:  # checked, not reserved: approximate
-            raise retry_later(429, f"this API key holds its quota of {self.max_per_owner} sessions; delete some",
-                              "session_quota_reached", 5)
+            raise LimitReached(f"this API key holds its quota of {self.max_per_owner} sessions; delete some",
+                               "session_quota_reached", retry_after=5)
         if self._guard(self.states.create_record, owner, key, sid, dict(metadata or {})):
             self._on_event("created")
         session = self.get(owner, sid)
@@ -127,8 +125,8 @@ class ClusterSessionStore:
         except LeaseBusy as busy:
             self._on_event("busy")
             wait = max(1, math.ceil(busy.retry_after_ms / 1000))
-            raise APIError(409, f"session {session.id} is in another turn; retry when it finishes",
-                           "session_busy", "session_id", {"Retry-After": str(wait)}) from None
+            raise Conflict(f"session {session.id} is in another turn; retry when it finishes",
+                           "session_busy", "session_id", retry_after=wait) from None
         except StoreUnavailable as err:
             raise unavailable(err) from None
         try:
@@ -164,8 +162,8 @@ class ClusterSessionStore:
             head = await asyncio.to_thread(self.states.commit, lease, session.base, data, turn)
         except CommitRejected as err:
             self._on_event(f"commit_rejected_{err.reason}")
-            raise APIError(409, f"session {session.id} lost its lease before the commit; nothing of this turn "
-                                "was kept", "session_lease_lost", "session_id", {"Retry-After": "1"}) from None
+            raise Conflict(f"session {session.id} lost its lease before the commit; nothing of this turn "
+                           "was kept", "session_lease_lost", "session_id", retry_after=1) from None
         except StoreUnavailable as err:
             raise unavailable(err) from None
         session.base, session.state = head.version, state

@@ -13,7 +13,8 @@ from adapt_runtime.serving.cluster.blobs import BlobStore  # noqa: E402
 from adapt_runtime.serving.cluster.cluster_sessions import ClusterSessionStore  # noqa: E402
 from adapt_runtime.serving.cluster.lease import LeaseConfig, LeaseStore  # noqa: E402
 from adapt_runtime.serving.cluster.state_store import StateStore  # noqa: E402
-from adapt_runtime.serving.errors import APIError  # noqa: E402
+from adapt_runtime.serving.errors import http_error  # noqa: E402
+from adapt_runtime.serving.failures import ServingError  # noqa: E402
 
 
 class Blob:
@@ -73,12 +74,12 @@ def test_a_cached_state_is_used_only_while_it_is_the_head(pair):
 def test_busy_session_is_409_with_retry_after(pair):
     a, b, _, _ = pair
 
-    async def run() -> APIError:
+    async def run() -> ServingError:
         await a.create("o", sid="s")
         held = a.get("o", "s")
         await a.acquire(held)
         try:
-            with pytest.raises(APIError) as busy:
+            with pytest.raises(ServingError) as busy:
                 await b.acquire(b.get("o", "s"))
             assert b.get("o", "s").busy
         finally:
@@ -86,7 +87,7 @@ def test_busy_session_is_409_with_retry_after(pair):
         await turn(b, "s", b"after")
         return busy.value
 
-    err = asyncio.run(run())
+    err = http_error(asyncio.run(run()))
     assert (err.status, err.code) == (409, "session_busy")
     assert 1 <= int(err.headers["Retry-After"]) <= 5
 
@@ -94,27 +95,27 @@ def test_busy_session_is_409_with_retry_after(pair):
 def test_a_turn_whose_lease_was_lost_keeps_nothing(pair):
     a, _, _, _ = pair
 
-    async def run() -> APIError:
+    async def run() -> ServingError:
         await a.create("o", sid="s")
         session = a.get("o", "s")
         await a.acquire(session)
         a.states.client.delete(a.leases.lease_key("o/s"))  # expired and gone
-        with pytest.raises(APIError) as lost:
+        with pytest.raises(ServingError) as lost:
             await a.commit(session, Blob(b"late"))
         a.release(session)
         return lost.value
 
-    err = asyncio.run(run())
+    err = http_error(asyncio.run(run()))
     assert (err.status, err.code) == (409, "session_lease_lost")
     assert a.states.head("o/s") is None
 
 
 def test_redis_down_is_503(tmp_path):
     store = make_store("redis://127.0.0.1:1/0", tmp_path, "r", [])
-    with pytest.raises(APIError) as down:
+    with pytest.raises(ServingError) as down:
         store.get("o", "s")
-    assert (down.value.status, down.value.code) == (503, "session_store_unavailable")
-    assert down.value.headers["Retry-After"] == "1"
+    assert (http_error(down.value).status, down.value.code) == (503, "session_store_unavailable")
+    assert http_error(down.value).headers["Retry-After"] == "1"
 
 
 def test_the_cache_stays_within_its_budget(redis_server, tmp_path):
@@ -137,13 +138,13 @@ def test_a_key_beyond_its_quota_is_429(redis_server, tmp_path):
     redis.Redis.from_url(redis_server.url).flushdb()
     store = make_store(redis_server.url, tmp_path, "r", [], quota=2)
 
-    async def run() -> APIError:
+    async def run() -> ServingError:
         await store.create("o", sid="s1")
         await store.create("o", sid="s2")
         await store.create("other", sid="s1")
-        with pytest.raises(APIError) as full:
+        with pytest.raises(ServingError) as full:
             await store.create("o", sid="s3")
         return full.value
 
-    err = asyncio.run(run())
+    err = http_error(asyncio.run(run()))
     assert (err.status, err.code) == (429, "session_quota_reached")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 from adapt_runtime.serving import session_files
-from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.errors import http_error
+from adapt_runtime.serving.failures import ServingError
 from adapt_runtime.serving.session_files import SessionFiles
 from adapt_runtime.serving.sessions import SessionStore
 from serve_testing import MODEL
@@ -108,10 +109,10 @@ def test_delete_ahead_of_a_turn_queued_behind_an_eviction_wins(tmp_path) -> None
         await asyncio.sleep(0.01)
         session.io.release()
         await deleting
-        with pytest.raises(APIError) as gone:
+        with pytest.raises(ServingError) as gone:
             await queued
-        assert gone.value.status == 404
-        with pytest.raises(APIError):
+        assert http_error(gone.value).status == 404
+        with pytest.raises(ServingError):
             store.get(OWNER, SID)
 
     asyncio.run(scenario())
@@ -125,9 +126,9 @@ def test_a_delete_behind_a_running_turn_is_409_and_the_turn_is_kept(tmp_path) ->
         await store.create(OWNER, sid=SID)
         session = store.get(OWNER, SID)
         await store.acquire(session)
-        with pytest.raises(APIError) as busy:
+        with pytest.raises(ServingError) as busy:
             await store.delete(session)
-        assert busy.value.status == 409
+        assert http_error(busy.value).status == 409
         await store.commit(session, Tagged("kept"))
         store.release(session)
 
@@ -155,7 +156,7 @@ def test_ttl_expiry_during_an_eviction_write_keeps_the_session_deleted(tmp_path,
         spill = asyncio.ensure_future(store.fit())
         await asyncio.to_thread(writing.wait, 10)
         session.record.last_used -= 3600  # alice expires while her files are being written
-        with pytest.raises(APIError):
+        with pytest.raises(ServingError):
             store.get(OWNER, SID)
         gate.set()
         await spill
@@ -197,9 +198,9 @@ def test_a_failed_write_through_keeps_the_previous_turn(tmp_path, monkeypatch) -
         await turn(store, SID, "one")
         with monkeypatch.context() as patch:
             patch.setattr(adapt_runtime.atomic.os, "fsync", disk_full)
-            with pytest.raises(APIError) as failed:
+            with pytest.raises(ServingError) as failed:
                 await turn(store, SID, "two")
-            assert failed.value.status == 503 and failed.value.code == "session_write_failed"
+            assert http_error(failed.value).status == 503 and failed.value.code == "session_write_failed"
             session = store.get(OWNER, SID)
             assert (session.record.turns, session.state.tag) == (1, "one")
             assert await asyncio.to_thread(restored, tmp_path) == {SID: (1, "one")}  # a restart now

@@ -11,7 +11,8 @@ import pytest
 from adapt_runtime.serving.cli import _bytes, _seconds, main
 from adapt_runtime.serving.config import ServerConfig, parse_rule_config, read_api_key_file
 from adapt_runtime.serving.detokenize import Detokenizer, TextStream
-from adapt_runtime.serving.errors import APIError
+from adapt_runtime.serving.errors import http_error
+from adapt_runtime.serving.failures import ServingError
 from adapt_runtime.serving.guard import ANONYMOUS, ApiKeys
 from adapt_runtime.serving.session_files import SessionFiles, SessionRecord, atomic_write
 from adapt_runtime.serving.sessions import SessionStore
@@ -177,9 +178,9 @@ def test_store_restores_after_restart_and_keeps_owners_apart(tmp_path) -> None:
     async def after_restart() -> None:
         store = _store(tmp_path)
         assert store.restore() == 1
-        with pytest.raises(APIError) as foreign:
+        with pytest.raises(ServingError) as foreign:
             store.get("owner2", sid)
-        assert foreign.value.status == 404
+        assert http_error(foreign.value).status == 404
         session = store.get("owner1", sid)
         assert session.record.turns == 1 and session.record.metadata == {"m": "1"}
         assert (await store.acquire(session)).tag == "committed"
@@ -192,19 +193,19 @@ def test_store_ttl_limits_and_busy(tmp_path) -> None:
         store = _store(tmp_path, max_sessions=2, ttl=60.0)
         first = await store.create("owner1")
         await store.create("owner1")
-        with pytest.raises(APIError) as full:
+        with pytest.raises(ServingError) as full:
             await store.create("owner1")
-        assert full.value.status == 429 and full.value.headers["Retry-After"]
+        assert http_error(full.value).status == 429 and http_error(full.value).headers["Retry-After"]
         await store.acquire(first)
-        with pytest.raises(APIError) as busy:
+        with pytest.raises(ServingError) as busy:
             await store.acquire(first)
         assert busy.value.code == "session_busy"
         store.release(first)
         first.record.last_used -= 120
         assert await store.reap() == 1
-        with pytest.raises(APIError) as gone:
+        with pytest.raises(ServingError) as gone:
             store.get("owner1", first.id)
-        assert gone.value.status == 404
+        assert http_error(gone.value).status == 404
         assert not os.path.exists(store.files.state_path(first.record))
         await store.create("owner1")
 
