@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from speed import interleaved  # min wall time per variant over alternating rounds
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import adapt_runtime as ar
@@ -49,17 +49,6 @@ def build_checkpoint(folder: Path, seed: int = 0) -> None:
         weights[f"model.layers.{i}.mlp.ttt_conv.weight"] = torch.randn(d, 1, 5) * 0.2
         weights[f"model.layers.{i}.mlp.ttt_proj.weight"] = torch.randn(d, d) / d**0.5
     save_file(weights, str(folder / "ttt.safetensors"))
-
-
-def best_of(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    best = {name: float("inf") for name in fns}
-    for round_ in range(rounds + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_:
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -120,11 +109,11 @@ def main() -> None:
 
         return run
 
-    pre = best_of({n: (lambda rt=rt: prefill(rt, prompt)) for n, rt in runtimes.items()}, args.rounds)
-    ttft = best_of({n: (lambda rt=rt: first_token(rt)) for n, rt in runtimes.items()}, args.rounds)
-    dec_total = best_of({n: decode(n) for n in runtimes}, max(1, args.rounds - 1))
+    pre = interleaved({n: (lambda rt=rt: prefill(rt, prompt)) for n, rt in runtimes.items()}, args.rounds)
+    ttft = interleaved({n: (lambda rt=rt: first_token(rt)) for n, rt in runtimes.items()}, args.rounds)
+    dec_total = interleaved({n: decode(n) for n in runtimes}, max(1, args.rounds - 1))
     # decode alone: the decode run minus its prefill of len-1 tokens (measured the same way)
-    pre_short = best_of({n: (lambda rt=rt: prefill(rt, prompt[:-1])) for n, rt in runtimes.items()}, args.rounds)
+    pre_short = interleaved({n: (lambda rt=rt: prefill(rt, prompt[:-1])) for n, rt in runtimes.items()}, args.rounds)
     rt = runtimes["ttt"]
     print(f"In-Place TTT checkpoint (hidden 512, 8 layers), rule {args.rule} {rt.rule.options()} on layers "
           f"{list(rt.config.layers)}, chunk {rt.config.chunk_size}, {args.threads} threads, "
