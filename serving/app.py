@@ -8,7 +8,7 @@ import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from adapt_runtime.serving.adapter_routes import is_adapter_route
 from adapt_runtime.serving.adapter_routes import router as adapter_router
@@ -26,8 +26,12 @@ from adapt_runtime.serving.protocol import (
 from adapt_runtime.serving.read_routes import router as read_router
 from adapt_runtime.serving.session_routes import is_state_route
 from adapt_runtime.serving.session_routes import router as session_router
+from adapt_runtime.serving.sessions import SessionStore
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from adapt_runtime.runtime import Runtime
 
 log = logging.getLogger("adapt_serve")
 router = APIRouter()
@@ -36,7 +40,7 @@ router = APIRouter()
 @router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> dict:
     """200 while the model thread runs; 503 once it is gone (every generation would hang)."""
-    if not ctx_of(request).engine.scheduler.alive:
+    if not ctx_of(request).engine.alive:
         raise APIError(503, "the model thread is not running; restart the server", "model_unavailable")
     return {"status": "ok"}
 
@@ -112,7 +116,7 @@ async def tokenizer_info(request: Request) -> dict:
     }
 
 
-def _state_bytes_bound(rt: Any) -> int:
+def _state_bytes_bound(rt: Runtime) -> int:
     """An upper bound on an exported state: S, a full KV cache in float32, the pending chunk, and slack."""
     s_bytes = sum(d * f * 8 for d, f in rt.state_spec.shapes)
     cfg = rt.model.config
@@ -133,7 +137,7 @@ async def _reaper(ctx: ServerContext) -> None:
             log.exception("session reaper failed")
 
 
-def build_app(ctx: ServerContext) -> Any:
+def build_app(ctx: ServerContext) -> Guard:
     """The ASGI application: the guard (keys, body limit) around FastAPI."""
 
     @contextlib.asynccontextmanager
@@ -145,7 +149,7 @@ def build_app(ctx: ServerContext) -> Any:
             reaper.cancel()
             if ctx.store.persistent:
                 await ctx.store.flush()
-            else:
+            elif isinstance(ctx.store, SessionStore):  # spill files only: gone with the server
                 shutil.rmtree(ctx.store.files.root, ignore_errors=True)
             ctx.engine.close()
 

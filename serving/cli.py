@@ -90,7 +90,7 @@ def _option(f: dataclasses.Field) -> Callable[[Callable[..., Any]], Callable[...
     """The ``adapt-serve`` option of one ``ServerConfig`` field: its name, default and help come from the field."""
     meta, kind = f.metadata, f.metadata.get("kind")
     flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]  # stubs: MISSING or a factory
     shown = meta.get("shown")  # a size or duration as written (it parses back to ``default``: tests)
     kwargs: dict[str, Any] = {"help": meta["help"], "metavar": meta.get("metavar"),
                               "default": default if shown is None else shown, "show_default": default is not None}

@@ -6,15 +6,19 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from adapt_runtime.serving.chat_template import ChatTemplate
 from adapt_runtime.serving.config import ServerConfig
-from adapt_runtime.serving.engine import Engine
 from adapt_runtime.serving.failures import InvalidRequest, LimitReached, NotFound
 from adapt_runtime.serving.metrics import Metrics
-from adapt_runtime.serving.sessions import SessionStore
 from fastapi import Request
+
+if TYPE_CHECKING:
+    from adapt_runtime.serving.engine_protocol import EngineProtocol
+    from adapt_runtime.serving.session_store import SessionStoreProtocol
+
+    from adapt_runtime.runtime import Runtime
 
 T = TypeVar("T")
 OFF_LOOP_CHARS = 8192  # tokenizer work on more text than this runs on a worker thread
@@ -23,8 +27,8 @@ OFF_LOOP_CHARS = 8192  # tokenizer work on more text than this runs on a worker 
 @dataclass
 class ServerContext:
     config: ServerConfig
-    engine: Engine
-    store: SessionStore
+    engine: EngineProtocol
+    store: SessionStoreProtocol
     metrics: Metrics
     template: ChatTemplate
     started_at: float = field(default_factory=time.time)
@@ -99,7 +103,7 @@ def system_fingerprint(ctx: ServerContext) -> str:
     return f"adapt-serve-{__version__}-{ctx.config.rule}"
 
 
-def describe_runtime(rt: Any) -> dict[str, Any]:
+def describe_runtime(rt: Runtime) -> dict[str, Any]:
     try:
         return rt.config.to_dict()
     except AttributeError:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import TYPE_CHECKING
 
 from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
 from adapt_runtime.serving.detokenize import Detokenizer
@@ -17,12 +17,21 @@ from adapt_runtime.serving.events import Done, Event, Failed
 from adapt_runtime.serving.failures import InvalidRequest
 from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from adapt_runtime.runtime import Runtime
+    from adapt_runtime.state import FastWeights
+
 POLL_S = 0.001
 
 
 class Engine:
-    def __init__(self, runtime: Any, tokenizer: Any, max_model_len: int | None = None,
-                 on_step: Any = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
+    """The native engine (an ``EngineProtocol``): jobs run on the scheduler's model thread."""
+
+    def __init__(self, runtime: Runtime, tokenizer: PreTrainedTokenizerBase, max_model_len: int | None = None,
+                 on_step: Callable[[int, float], None] | None = None,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
         self.rt = runtime
         self.tokenizer = tokenizer
         self.detok = Detokenizer(tokenizer)
@@ -35,6 +44,11 @@ class Engine:
         self._pending: list[tuple[Job, Event]] = []
         self._runs = 0
         self._poller: asyncio.Task | None = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the model thread runs (``/health``)."""
+        return self.scheduler.alive
 
     def close(self) -> None:
         self.scheduler.close()
@@ -60,7 +74,7 @@ class Engine:
                 "max_tokens" if prompt_len < self.max_len else "prompt",
             )
 
-    def plan(self, state: Any, tokens: list[int], echo: bool, max_tokens: int) -> Prompt:
+    def plan(self, state: FastWeights, tokens: list[int], echo: bool, max_tokens: int) -> Prompt:
         """Decide what ``state`` must still read of ``tokens``.
 
         If the prompt extends what the state's KV cache holds, only the new suffix is read. Otherwise (a
@@ -83,7 +97,7 @@ class Engine:
         base = set() if ignore_eos else set(self.eos_ids)
         return frozenset(base | set(extra or ()))
 
-    async def run(self, job: Job) -> AsyncIterator[Event]:
+    async def run(self, job: Job) -> AsyncGenerator[Event, None]:
         """Submit ``job`` and yield its events up to ``Done`` or ``Failed``; leaving early cancels it."""
         inbox: asyncio.Queue[Event] = asyncio.Queue()
         job.emit = inbox.put_nowait
@@ -122,7 +136,7 @@ class Engine:
             job.emit(event)
 
 
-def _eos_ids(runtime: Any, tokenizer: Any) -> tuple[int, ...]:
+def _eos_ids(runtime: Runtime, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))

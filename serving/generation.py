@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 from adapt_runtime.serving.context import ServerContext, system_fingerprint
@@ -62,7 +62,7 @@ class Generation:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
-    async def choices(self) -> AsyncIterator[dict]:
+    async def choices(self) -> AsyncGenerator[dict, None]:
         n = self.job.n
         events = self.ctx.engine.run(self.job)
         try:
@@ -149,7 +149,7 @@ async def respond(gen: Generation, request: Request, stream: bool, options: Stre
             ctx.metrics.e2e.observe(time.perf_counter() - gen.started)
 
 
-async def _first(parts: AsyncIterator[dict]) -> tuple[dict | None]:
+async def _first(parts: AsyncGenerator[dict, None]) -> tuple[dict | None]:
     """The first chunk (None if there is none), in a tuple so that None is not mistaken for a disconnect."""
     try:
         return (await parts.__anext__(),)
@@ -157,7 +157,7 @@ async def _first(parts: AsyncIterator[dict]) -> tuple[dict | None]:
         return (None,)
 
 
-async def _fold(gen: Generation, parts: AsyncIterator[dict], first: dict | None) -> dict[str, Any]:
+async def _fold(gen: Generation, parts: AsyncGenerator[dict, None], first: dict | None) -> dict[str, Any]:
     by_index: dict[int, list[dict]] = {}
     if first is not None:
         by_index.setdefault(first["index"], []).append(first)
@@ -167,7 +167,7 @@ async def _fold(gen: Generation, parts: AsyncIterator[dict], first: dict | None)
     return {**gen.header(gen.fmt.final_object), "choices": choices, "usage": gen.usage(), **gen.extras()}
 
 
-async def _sse(gen: Generation, parts: AsyncIterator[dict], first: dict | None,
+async def _sse(gen: Generation, parts: AsyncGenerator[dict, None], first: dict | None,
                options: StreamOptions) -> AsyncIterator[bytes]:
     ctx = gen.ctx
     include = options.include_usage or options.continuous_usage_stats

@@ -29,7 +29,7 @@ def with_header_timeout(seconds: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class, closing connections whose request headers take longer than ``seconds``."""
     base: Any = _base()
 
-    class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
+    class HeaderDeadlineProtocol(base):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm_header_deadline()

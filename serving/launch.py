@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 STARTUP_TIMEOUT = 180.0
 
@@ -62,13 +63,13 @@ class ServerProcess:
         return [sys.executable, "-m", "adapt_runtime.serving.cli", "--port", str(self.port), *self.args]
 
     def start(self) -> None:
-        out = subprocess.DEVNULL
+        out: int | IO[bytes] = subprocess.DEVNULL
         if self.log_path is not None:
             out = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it; closed below after the fork
         try:
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=self.env)
         finally:
-            if out is not subprocess.DEVNULL:
+            if not isinstance(out, int):  # not DEVNULL
                 out.close()
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

@@ -81,7 +81,7 @@ class DocumentRead:
                 elif isinstance(event, Failed):
                     raise as_api_error(event.error)
             self.ctx.metrics.prompt_tokens.inc(len(piece))
-            self.nll.append(mean_or_nan([-s[0] for s in (scores or [])[1:]]))
+            self.nll.append(mean_or_nan([-s[0] for s in (scores or [])[1:] if s is not None]))
             yield {"object": "session.read.progress", "window": k + 1, "windows": len(self.spans),
                    "tokens_read": b, "tokens": len(self.ids), "nll": _num(self.nll[-1]),
                    "writes": state.writes - self.writes0}

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from adapt_runtime.serving.app import build_app
@@ -23,11 +23,17 @@ from adapt_runtime.serving.sessions import SessionStore
 
 import adapt_runtime as ar
 
+if TYPE_CHECKING:
+    from adapt_runtime.serving.session_store import SessionStoreProtocol
+
+    from adapt_runtime.runtime import Runtime
+
 log = logging.getLogger("adapt_serve")
 SWITCH_INTERVAL_S = 0.0005
 
 
-def create_context(config: ServerConfig, make_store: Callable[[Any, Callable[[str], None]], Any] | None = None
+def create_context(config: ServerConfig,
+                   make_store: Callable[[Runtime, Callable[[str], None]], SessionStoreProtocol] | None = None
                    ) -> ServerContext:
     """Load the model, patch it with the rule, and open the session store (restoring persisted sessions).
     ``make_store(runtime, on_event)``, when given, builds the session store instead (the cluster mode's)."""
@@ -49,7 +55,8 @@ def create_context(config: ServerConfig, make_store: Callable[[Any, Callable[[st
     if make_store is not None:
         template = ChatTemplate(tokenizer, Path(config.chat_template) if config.chat_template else None)
         return ServerContext(config, engine, make_store(runtime, on_event), metrics, template)
-    root = config.session_dir if persistent else Path(tempfile.mkdtemp(prefix="adapt-serve-sessions-"))
+    root = config.session_dir if config.session_dir is not None else Path(
+        tempfile.mkdtemp(prefix="adapt-serve-sessions-"))
     store = SessionStore(
         new_state=runtime.new_state,
         load_state=lambda data: decode_state(data, runtime),

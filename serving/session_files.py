@@ -24,9 +24,12 @@ import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapt_runtime.atomic import atomic_write as core_atomic_write
+
+if TYPE_CHECKING:
+    from adapt_runtime.state import FastWeights
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 OWNER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -52,7 +55,7 @@ class SessionRecord:
 STAT_FIELDS = ("tokens_seen", "kv_len", "writes", "refused_writes", "bytes")
 
 
-def state_stats(state: Any) -> dict[str, int | None]:
+def state_stats(state: FastWeights) -> dict[str, int | None]:
     """What ``GET /v1/sessions/{id}`` reports of a state: its counters and its size in memory (``nbytes``). Kept
     in the sidecar, written with the state it describes, so a session on disk reports the same as a resident
     one; a counter that a state type lacks is None (unknown)."""
@@ -75,7 +78,7 @@ class SessionFiles:
     def state_path(self, record: SessionRecord) -> Path:
         return self._folder(record.owner) / (record.state_file or f"{record.id}.safetensors")
 
-    def write(self, record: SessionRecord, state: Any) -> SessionRecord:
+    def write(self, record: SessionRecord, state: FastWeights) -> SessionRecord:
         """Write ``state`` and ``record`` as one commit; returns the record naming the new state file (the
         caller keeps it). Raises ``OSError`` (disk full, ...) with the previous commit still in place."""
         name = f"{record.id}{GENERATION}{secrets.token_hex(6)}.safetensors"

@@ -27,10 +27,13 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapt_runtime.serving.failures import Conflict, InvalidRequest, LimitReached, NotFound, Unavailable
 from adapt_runtime.serving.session_files import SESSION_ID, STAT_FIELDS, SessionFiles, SessionRecord, state_stats
+
+if TYPE_CHECKING:
+    from adapt_runtime.state import FastWeights
 
 log = logging.getLogger("adapt_serve")
 
@@ -38,7 +41,7 @@ log = logging.getLogger("adapt_serve")
 @dataclass(eq=False)
 class Session:
     record: SessionRecord
-    state: Any | None  # FastWeights, or None while it lives only on disk
+    state: FastWeights | None  # None while it lives only on disk
     busy: bool = False
     io: asyncio.Lock = field(default_factory=asyncio.Lock)  # shared by every Session object of one (owner, id)
     deleted: bool = False  # a tombstone: dropped from the store, nothing of it is written again
@@ -81,8 +84,8 @@ def check_session_id(sid: str) -> str:
 
 
 class SessionStore:
-    def __init__(self, new_state: Callable[[], Any], load_state: Callable[[bytes], Any], files: SessionFiles,
-                 budget: int, max_sessions: int, ttl: float, persistent: bool,
+    def __init__(self, new_state: Callable[[], FastWeights], load_state: Callable[[bytes], FastWeights],
+                 files: SessionFiles, budget: int, max_sessions: int, ttl: float, persistent: bool,
                  on_event: Callable[[str], None] | None = None, max_per_owner: int | None = None) -> None:
         self._new_state = new_state
         self._load_state = load_state
@@ -104,7 +107,7 @@ class SessionStore:
             self._sessions[(record.owner, record.id)] = self._session(record, None)
         return len(self._sessions)
 
-    def _session(self, record: SessionRecord, state: Any) -> Session:
+    def _session(self, record: SessionRecord, state: FastWeights | None) -> Session:
         key = (record.owner, record.id)
         lock = self._locks.get(key)
         if lock is None:
@@ -131,7 +134,7 @@ class SessionStore:
         resident = sum(1 for s in self._sessions.values() if s.state is not None)
         return resident, len(self._sessions) - resident
 
-    async def create(self, owner: str, metadata: dict[str, str] | None = None, state: Any = None,
+    async def create(self, owner: str, metadata: dict[str, str] | None = None, state: FastWeights | None = None,
                      sid: str | None = None) -> Session:
         """A new session of ``owner``: a server-made id, or ``sid`` (409 if another request made it meanwhile)."""
         if len(self._sessions) >= self.max_sessions:
@@ -147,11 +150,12 @@ class SessionStore:
                                "session_quota_reached", retry_after=5)
         now = time.time()
         record = SessionRecord(sid or new_session_id(), owner, now, now, 0, dict(metadata or {}))
-        session = self._session(record, state if state is not None else self._new_state())
+        fresh = state if state is not None else self._new_state()
+        session = self._session(record, fresh)
         self._sessions[(owner, record.id)] = session
         if self.persistent:
             try:
-                await self._write(session, session.record, session.state)
+                await self._write(session, session.record, fresh)
             except BaseException:
                 self._drop(session, None)
                 raise
@@ -173,7 +177,7 @@ class SessionStore:
         mine = [s for s in self._sessions.values() if s.record.owner == owner and not self._expired(s)]
         return sorted(mine, key=lambda s: s.record.created_at)
 
-    async def acquire(self, session: Session) -> Any:
+    async def acquire(self, session: Session) -> FastWeights:
         """Start a turn: busy (409 if already), resident; returns the committed state (do not mutate it)."""
         if session.busy:
             self._on_event("busy")
@@ -193,7 +197,7 @@ class SessionStore:
         session.record.last_used = time.time()
         return session.state
 
-    async def commit(self, session: Session, state: Any, turn: bool = True) -> None:
+    async def commit(self, session: Session, state: FastWeights, turn: bool = True) -> None:
         """Make ``state`` the session's state (the caller holds the turn). With write-through, memory changes
         only once the files are durable: a failed write raises 503 and the previous commit stays, so a retry
         applies the turn once and a restart never reverts an acknowledged one."""
@@ -233,10 +237,11 @@ class SessionStore:
             if not idle:
                 return
             victim = min(idle, key=lambda s: s.record.last_used)
+            spilled = victim.state
             async with self._io(victim):
-                if not victim.deleted:
+                if not victim.deleted and spilled is not None:  # resident: chosen among states not None
                     try:
-                        victim.record = await asyncio.to_thread(self.files.write, victim.record, victim.state)
+                        victim.record = await asyncio.to_thread(self.files.write, victim.record, spilled)
                     except OSError as err:
                         log.warning("cannot spill session %s to disk (%s); it stays in memory", victim.id, err)
                         return
@@ -278,7 +283,7 @@ class SessionStore:
         if reason is not None:
             self._on_event(f"deleted_{reason}")
 
-    async def _write(self, session: Session, record: SessionRecord, state: Any) -> None:
+    async def _write(self, session: Session, record: SessionRecord, state: FastWeights) -> None:
         """Write ``state`` with ``record`` as one commit, then make them the session's, under its I/O lock
         (404 for a deleted session, 503 when the write fails: then nothing changes)."""
         async with self._io(session):
@@ -292,7 +297,7 @@ class SessionStore:
                                   "nothing of this request was kept", "session_write_failed") from None
             session.state, session.record = state, new
 
-    def _read(self, record: SessionRecord) -> Any:
+    def _read(self, record: SessionRecord) -> FastWeights:
         if not self.files.has_state(record):
             return self._new_state()
         return self._load_state(self.files.read_state(record))

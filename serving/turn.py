@@ -13,12 +13,15 @@ runs on a fresh state (the unknown session's memory is empty), names the id in i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from adapt_runtime.serving.context import ServerContext, principal_of
 from adapt_runtime.serving.failures import InvalidRequest, NotFound
 from adapt_runtime.serving.sessions import Session, check_session_id
 from fastapi import Request
+
+if TYPE_CHECKING:
+    from adapt_runtime.state import FastWeights
 
 T = TypeVar("T")
 
@@ -36,7 +39,7 @@ def session_id_of(request: Request, body_id: str | None) -> str | None:
 
 
 class Turn:
-    def __init__(self, ctx: ServerContext, session: Session | None, state: Any, adapt: bool,
+    def __init__(self, ctx: ServerContext, session: Session | None, state: FastWeights, adapt: bool,
                  unknown: tuple[str, str] | None = None) -> None:
         """``unknown``: (owner, id) of a session that does not exist yet (``claim`` creates it)."""
         self.ctx = ctx
@@ -64,7 +67,7 @@ class Turn:
         await self.ctx.store.acquire(session)
         self.session, self.unknown, self._open = session, None, True
 
-    async def finish(self, final_state: Any) -> None:
+    async def finish(self, final_state: FastWeights) -> None:
         """The turn completed: commit its state (when adapting) and free the session."""
         if self.session is not None and self.adapt and self._open:
             await self.ctx.store.commit(self.session, final_state)
@@ -80,7 +83,7 @@ class Turn:
                 self.ctx.metrics.commits.labels(outcome="rollback").inc()
             self.ctx.store.release(self.session)
 
-    def adaptation(self, final_state: Any | None) -> dict[str, Any]:
+    def adaptation(self, final_state: FastWeights | None) -> dict[str, Any]:
         state = final_state if final_state is not None else self.state
         return {"committed": self.committed, "tokens_seen": state.tokens_seen, "writes": state.writes,
                 "refused_writes": state.refused_writes}

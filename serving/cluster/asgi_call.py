@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from adapt_runtime.serving.errors import envelope_bytes
@@ -30,7 +30,7 @@ def http_scope(method: str, path: str, query: bytes, headers: list[tuple[bytes, 
 
 
 async def call_asgi(app: Any, scope: dict[str, Any], body: bytes,
-                    extra_headers: list[tuple[bytes, bytes]] = ()) -> AsyncIterator[Item]:
+                    extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> AsyncIterator[Item]:
     """Yield the response of ``app`` to ``scope`` + ``body``: the start item, then body chunks."""
     outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     gone = asyncio.Event()

@@ -24,7 +24,8 @@ def build_application(config: ClusterConfig) -> Any:
     from adapt_runtime.serving.cluster.ingress import Ingress
 
     engine = engine_deployment(config).bind(config.for_replica())
-    return Ingress.bind(engine, max(INGRESS_BODY_LIMIT, config.server.max_request_bytes))
+    return Ingress.bind(engine,  # type: ignore[attr-defined]  # serve.deployment adds bind (ray not analysed)
+                        max(INGRESS_BODY_LIMIT, config.server.max_request_bytes))
 
 
 def check_stores(config: ClusterConfig) -> None:

@@ -17,13 +17,16 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from adapt_runtime.serving.cluster.lease import Lease, LeaseBusy, StoreUnavailable
 from adapt_runtime.serving.cluster.state_store import CommitRejected, StateStore
 from adapt_runtime.serving.failures import Conflict, LimitReached, NotFound, Unavailable
 from adapt_runtime.serving.session_files import SessionRecord
 from adapt_runtime.serving.sessions import Session, check_session_id, new_session_id
+
+if TYPE_CHECKING:
+    from adapt_runtime.state import FastWeights
 
 log = logging.getLogger("adapt_serve")
 
@@ -35,19 +38,24 @@ class ClusterSession(Session):
     base: int = 0
 
 
+def _own(session: Session) -> ClusterSession:
+    """A session this store made (the interface passes ``Session``; every one given back came from ``get``)."""
+    return cast(ClusterSession, session)
+
+
 def unavailable(err: Exception) -> Unavailable:
     log.warning("session store unavailable: %s", err)
     return Unavailable("the session store is unavailable; retry shortly", "session_store_unavailable")
 
 
 class ClusterSessionStore:
-    """Sessions of every principal, shared by all replicas; the same methods as ``SessionStore``."""
+    """Sessions of every principal, shared by all replicas (a ``SessionStoreProtocol``, as ``SessionStore`` is)."""
 
     persistent = True
 
-    def __init__(self, states: StateStore, new_state: Callable[[], Any], load_state: Callable[[bytes], Any],
-                 budget: int, max_sessions: int, on_event: Callable[[str], None] | None = None,
-                 max_per_owner: int | None = None) -> None:
+    def __init__(self, states: StateStore, new_state: Callable[[], FastWeights],
+                 load_state: Callable[[bytes], FastWeights], budget: int, max_sessions: int,
+                 on_event: Callable[[str], None] | None = None, max_per_owner: int | None = None) -> None:
         self.states = states
         self.leases = states.leases
         self._new_state = new_state
@@ -56,7 +64,7 @@ class ClusterSessionStore:
         self.max_sessions = max_sessions
         self.max_per_owner = max_per_owner or max_sessions
         self._on_event = on_event or (lambda _: None)
-        self._cache: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[int, FastWeights]] = OrderedDict()
 
     # what the app reads -----------------------------------------------------------------------------------
 
@@ -97,7 +105,7 @@ class ClusterSessionStore:
 
     # life cycle -------------------------------------------------------------------------------------------
 
-    async def create(self, owner: str, metadata: dict[str, str] | None = None, state: Any = None,
+    async def create(self, owner: str, metadata: dict[str, str] | None = None, state: FastWeights | None = None,
                      sid: str | None = None) -> ClusterSession:
         sid = sid or new_session_id()
         key = f"{owner}/{sid}"
@@ -118,8 +126,9 @@ class ClusterSessionStore:
                 self.release(session)
         return session
 
-    async def acquire(self, session: ClusterSession) -> Any:
+    async def acquire(self, session: Session) -> FastWeights:
         """Take the session's lease and return its committed state (do not mutate it)."""
+        session = _own(session)
         try:
             lease = self.leases.acquire(session.key)
         except LeaseBusy as busy:
@@ -152,8 +161,9 @@ class ClusterSessionStore:
         session.lease, session.base, session.state, session.busy = lease, version, state, True
         return state
 
-    async def commit(self, session: ClusterSession, state: Any, turn: bool = True) -> None:
+    async def commit(self, session: Session, state: FastWeights, turn: bool = True) -> None:
         """Make ``state`` the session's head (fenced by the lease taken in ``acquire``)."""
+        session = _own(session)
         lease = session.lease
         if lease is None:
             raise RuntimeError("commit without acquire")
@@ -171,14 +181,16 @@ class ClusterSessionStore:
         self._cache[session.key] = (head.version, state)
         self._cache.move_to_end(session.key)
 
-    def release(self, session: ClusterSession) -> None:
+    def release(self, session: Session) -> None:
+        session = _own(session)
         if session.lease is not None:
             self._free(session.lease)
             session.lease = None
         session.busy = False
         self._fit()
 
-    async def delete(self, session: ClusterSession) -> None:
+    async def delete(self, session: Session) -> None:
+        session = _own(session)
         await self.acquire(session)
         try:
             self._guard(self.states.delete, session.lease, session.record.owner, session.id)

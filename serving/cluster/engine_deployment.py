@@ -57,9 +57,7 @@ class SessionEngine:
         return self.replica_id
 
     def check_health(self) -> None:
-        scheduler = self.ctx.engine.scheduler
-        alive = getattr(scheduler, "alive", None)
-        if alive is False or not scheduler._thread.is_alive():
+        if not self.ctx.engine.alive:
             raise RuntimeError("the model thread has stopped")
 
     def __del__(self) -> None:
