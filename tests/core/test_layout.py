@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -70,8 +71,18 @@ def _hub_kernels_installed() -> bool:
     return True
 
 
+def _hub_kernels_imports_elsewhere() -> bool:
+    """Whether the installed distribution imports at all, from a folder outside the checkout (it may not: CI's
+    low-bound run lays transformers 4.57.1 and an older hub client over a venv whose ``kernels`` needs a newer one)."""
+    with tempfile.TemporaryDirectory() as elsewhere:
+        done = subprocess.run([sys.executable, "-c", "import kernels"], cwd=elsewhere, capture_output=True, timeout=120)
+    return done.returncode == 0
+
+
 @pytest.mark.skipif(not _hub_kernels_installed(), reason="the Hub's kernels distribution is not installed")
 def test_from_the_repo_root_kernels_is_the_hub_distribution_and_a_model_loads():
+    if not _hub_kernels_imports_elsewhere():
+        pytest.skip("the installed kernels distribution does not import in this environment, from anywhere")
     code = (
         "import kernels, os\n"
         f"assert not os.path.abspath(kernels.__file__).startswith({str(ROOT / 'kernels')!r}), kernels.__file__\n"
