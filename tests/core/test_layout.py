@@ -74,8 +74,11 @@ def _hub_kernels_installed() -> bool:
 def _hub_kernels_imports_elsewhere() -> bool:
     """Whether the installed distribution imports at all, from a folder outside the checkout (it may not: CI's
     low-bound run lays transformers 4.57.1 and an older hub client over a venv whose ``kernels`` needs a newer one)."""
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # the same search path, whatever the folder
     with tempfile.TemporaryDirectory() as elsewhere:
-        done = subprocess.run([sys.executable, "-c", "import kernels"], cwd=elsewhere, capture_output=True, timeout=120)
+        done = subprocess.run([sys.executable, "-c", "import kernels"], cwd=elsewhere, capture_output=True,
+                              timeout=120, env=env)
     return done.returncode == 0
 
 
