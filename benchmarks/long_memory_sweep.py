@@ -3,6 +3,7 @@
     python benchmarks/long_memory_sweep.py                                   # both rules at the defaults, tune part
     python benchmarks/long_memory_sweep.py --rules hebbian --configs "" "decay=0.995" "norm_bound=0.1,layers=last:3"
     python benchmarks/long_memory_sweep.py --split heldout                   # the final check on the held-out part
+    python benchmarks/long_memory_sweep.py --episodes 4 --windows 32 --reread 8 --threads 1   # + the other protocols
 
 For each source (TinyStories valid, WikiText-2 valid) and episode, a stretch of the text is read with ``rt.read``
 (windows of --window tokens, KV dropped between windows). After 2k/5k/10k/20k tokens the state is copied, its KV
@@ -10,6 +11,17 @@ dropped, and two passages are scored with ``adapt=False`` in a fresh context: th
 (seen, read longest ago) and --probe tokens of the same source that were not read (unseen, taken past the end of
 the stretch). The table gives the change of the mean NLL against a fresh state (S = 0, the base model), averaged
 over episodes; a bar: unseen never worse than fresh at any length, seen improved at every length.
+
+Each cell is the mean over episodes with the half-width of its 95% CI (t-based, episodes as clusters:
+``adapt_runtime.eval.stats.mean_ci`` of the per-episode change, each episode paired with its own fresh state).
+
+Two more protocols on the same part of each source (``--windows``, ``--reread``; 0 turns one off):
+
+* 512-window: --windows windows of 512 tokens (BOS first; the even ones of the part cut into consecutive 511-token
+  pieces, spread over it), each read from a fresh state with the rule adapting; the change of the mean NLL against
+  static (S = 0), paired per window, with its 95% CI.
+* re-read: --reread passages of --reread-len tokens; a fresh session reads one (a single ``rt.forward``, adapting),
+  then scores it again with a fresh context and ``adapt=False``; the change against a fresh state, with its CI.
 
 Each source's token ids are split: the first 75% is the tune part, the rest the held-out part (a final check of
 the chosen defaults, never tuned on). A config is a comma list of ``ar.patch`` options, ``""`` the defaults.
@@ -24,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from adapt_runtime.eval.stats import mean_ci
 from bench_data import DATA_DIR, data_file
 
 import adapt_runtime as ar
@@ -82,6 +95,40 @@ def relative_norms(rt: ar.Runtime, state: ar.FastWeights) -> float:
     return max(norms[i] / float(torch.linalg.vector_norm(rt.plastic[i].weight0.detach().float())) for i in norms)
 
 
+def cell(values: list[float]) -> str:
+    """``-12.3% ±1.4`` : the mean of per-episode relative changes and its 95% CI half-width (in points)."""
+    est = mean_ci(values)
+    half = "" if est.ci95 is None else f" ±{100 * (est.ci95[1] - est.mean):.1f}"
+    return f"{100 * est.mean:+.1f}%{half}"
+
+
+def spread(ids: list[int], length: int, count: int, every: int = 1) -> list[list[int]]:
+    """``count`` pieces of ``length`` tokens spread over ``ids`` (of the consecutive pieces, every ``every``-th)."""
+    pieces = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][::every]
+    stride = max(1, len(pieces) // max(1, count))
+    return pieces[::stride][:count]
+
+
+def window_changes(rt: ar.Runtime, wins: list[torch.Tensor], static: list[float]) -> list[float]:
+    """Per window: (NLL reading it from a fresh state, adapting) - (static NLL), in nats."""
+    out = []
+    for w, base in zip(wins, static):
+        logits = rt.forward(w, rt.new_state())[0]
+        out.append(float(F.cross_entropy(logits[:-1].float(), w[1:])) - base)
+    return out
+
+
+def reread_changes(rt: ar.Runtime, passages: list[torch.Tensor]) -> list[float]:
+    """Per passage: relative change of its NLL after a fresh session read it once, vs a fresh state."""
+    out = []
+    for p in passages:
+        state = rt.new_state()
+        fresh = nll(rt, state, p)
+        rt.forward(p, state)
+        out.append(nll(rt, state, p) / fresh - 1)
+    return out
+
+
 def run_episode(rt: ar.Runtime, doc: torch.Tensor, unseen: torch.Tensor, lengths: list[int], probe: int,
                 window: int) -> dict[int, dict[str, float]]:
     seen = doc[:probe]
@@ -109,6 +156,9 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=400)
     ap.add_argument("--window", type=int, default=448)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--windows", type=int, default=0, help="512-token windows per source (0: skip the protocol)")
+    ap.add_argument("--reread", type=int, default=0, help="re-read passages per source (0: skip the protocol)")
+    ap.add_argument("--reread-len", type=int, default=256)
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,12 +168,26 @@ def main() -> None:
     rows = []
     print(f"split {args.split}, {args.episodes} episodes per source, window {args.window}, probe {args.probe}; "
           "change of mean NLL vs a fresh state (negative = better)")
+    extra = ([f"512-window ({args.windows})"] if args.windows else []) + ([f"re-read ({args.reread})"]
+                                                                          if args.reread else [])
     print("| source | rule | config | " + " | ".join(f"{n // 1000}k seen / unseen" for n in lengths)
-          + " | max ‖S‖/‖W0‖ | unseen ≤ fresh |")
-    print("|---|---|---|" + "---|" * len(lengths) + "---|---|")
+          + " | max ‖S‖/‖W0‖ | unseen ≤ fresh (worst episode) | " + "".join(f"{e} | " for e in extra))
+    print("|---|---|---|" + "---|" * (len(lengths) + 2 + len(extra)))
     for source in args.sources.split(","):
         ids = source_ids(tokenizer, paths[source], args.split)
         eps = episodes(ids, max(lengths), args.probe, args.episodes)
+        bos = tokenizer.bos_token_id
+        wins = [torch.tensor([bos, *w]) for w in spread(ids, 511, args.windows, every=2)] if args.windows else []
+        passages = [torch.tensor([bos, *p]) for p in spread(ids, args.reread_len - 1, args.reread, every=3)]
+        passages = passages if args.reread else []
+        static: list[float] = []
+        if wins:
+            rt = ar.patch(model, rule="none")
+            try:
+                static = [float(F.cross_entropy(rt.forward(w, rt.new_state(), adapt=False)[0][:-1].float(), w[1:]))
+                          for w in wins]
+            finally:
+                rt.unpatch()
         for rule in args.rules.split(","):
             for text in args.configs:
                 options = parse_config(text)
@@ -131,17 +195,31 @@ def main() -> None:
                 started = time.perf_counter()
                 try:
                     results = [run_episode(rt, d, u, lengths, args.probe, args.window) for d, u in eps]
+                    window_deltas = window_changes(rt, wins, static)
+                    rereads = reread_changes(rt, passages)
                 finally:
                     rt.unpatch()
                 mean = {n: {k: sum(r[n][k] for r in results) / len(results) for k in ("seen", "unseen", "norm")}
                         for n in lengths}
                 worst = max(r[n]["unseen"] for r in results for n in lengths)
-                cells = " | ".join(f"{100 * mean[n]['seen']:+.1f}% / {100 * mean[n]['unseen']:+.1f}%" for n in lengths)
+                cells = " | ".join(f"{cell([r[n]['seen'] for r in results])} / "
+                                   f"{cell([r[n]['unseen'] for r in results])}" for n in lengths)
+                others = ""
+                row = {"source": source, "rule": rule, "config": options, "split": args.split,
+                       "episodes": results, "mean": mean, "worst_unseen": worst}
+                if wins:
+                    base = sum(static) / len(static)
+                    est = mean_ci(window_deltas)
+                    half = "" if est.ci95 is None else f" ±{est.ci95[1] - est.mean:.3f}"
+                    others += f"{100 * est.mean / base:+.2f}% ({est.mean:+.3f}{half} nats) | "
+                    row["windows"] = {"static": static, "delta": window_deltas, "rel": est.mean / base}
+                if rereads:
+                    others += f"{cell(rereads)} | "
+                    row["reread"] = rereads
                 print(f"| {source} | {rule} | {text or 'defaults'} | {cells} | {mean[lengths[-1]]['norm']:.3f} | "
-                      f"{'yes' if worst <= 0 else 'NO'} ({100 * worst:+.1f}%) |", flush=True)
-                rows.append({"source": source, "rule": rule, "config": options, "split": args.split,
-                             "episodes": results, "mean": mean, "worst_unseen": worst,
-                             "seconds": time.perf_counter() - started})
+                      f"{'yes' if worst <= 0 else 'NO'} ({100 * worst:+.1f}%) | {others}", flush=True)
+                row["seconds"] = time.perf_counter() - started
+                rows.append(row)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1, default=str))
