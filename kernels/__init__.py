@@ -1,4 +1,4 @@
-"""Fast-weight ops: ``apply``, ``write`` and the fused ``apply_write``, each with
+"""Fast-weight ops: ``apply``, ``write``, the fused ``apply_write`` and ``chunk_scan``, each with
 ``impl="auto"|"torch"|"triton"``.
 
 Every implementation has a naive twin in :mod:`adapt_runtime.kernels.naive` with the same signature and
@@ -30,6 +30,6 @@ if __name__ == "kernels":  # pragma: no cover - exercised in a subprocess from t
         sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds once this file ends
         _spec.loader.exec_module(_module)
 else:
-    from adapt_runtime.kernels.ops import apply, apply_write, write
+    from adapt_runtime.kernels.ops import apply, apply_write, chunk_scan, write
 
-    __all__ = ["apply", "apply_write", "write"]
+    __all__ = ["apply", "apply_write", "chunk_scan", "write"]

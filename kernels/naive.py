@@ -73,3 +73,47 @@ def apply_write_naive(
     bound = None if max_norm is None else torch.tensor([max_norm], dtype=torch.float32, device=S.device)
     b = None if beta is None else beta[None]
     return write_naive(S, slots, V[None], x[None], b, decay, bound)[0]
+
+
+def chunk_scan_naive(
+    y: Tensor,
+    x: Tensor,
+    S: Tensor,
+    slot: int,
+    offsets: Tensor,
+    V: Tensor,
+    X: Tensor,
+    write_offsets: Tensor,
+    beta: Tensor | None = None,
+    decay: float = 1.0,
+    max_norm: float | None = None,
+    base: Tensor | None = None,
+) -> Tensor:
+    """A span of one slot, piece by piece: piece k (rows ``offsets[k]:offsets[k+1]``) gets ``x (base + S_k)^T``,
+    then (for ``k < J``) chunk k is written, ``S_{k+1} = decay * S_k + scale_k * V_k^T diag(beta_k) X_k`` (rows
+    ``write_offsets[k]:write_offsets[k+1]`` of V, X and beta); a chunk whose norm is not finite is skipped. S is
+    rounded to its dtype once, at the end. Returns the `[J]` unclipped norms."""
+    bounds, wbounds = offsets.tolist(), write_offsets.tolist()
+    J = len(wbounds) - 1
+    norms = torch.empty(J, dtype=torch.float32, device=S.device)
+    s = S[slot].double()
+    for k in range(len(bounds) - 1):
+        a, e = bounds[k], bounds[k + 1]
+        if e > a:
+            weight = s if base is None else base.double() + s
+            y[a:e] = (y[a:e].double() + x[a:e].double() @ weight.T).to(y.dtype)
+        if k >= J:
+            continue
+        p, q = wbounds[k], wbounds[k + 1]
+        v = V[p:q].double()
+        if beta is not None:
+            v = v * beta[p:q].double()[:, None]
+        update = v.T @ X[p:q].double()
+        norm = torch.linalg.vector_norm(update)
+        norms[k] = norm.float()
+        if not torch.isfinite(norm):
+            continue
+        scale = 1.0 if max_norm is None or norm <= max_norm else max_norm / float(norm)
+        s = decay * s + scale * update
+    S[slot] = s.to(S.dtype)
+    return norms

@@ -170,3 +170,53 @@ def apply_write(y: Tensor, x: Tensor, S: Tensor, slot: int, V: Tensor, beta: Ten
         module = _triton("apply_write_triton", S.device)
         return module.apply_write_triton(y, x, S, slot, V, beta, decay, max_norm)
     return torch_ops.apply_write_torch(y, x, S, slot, V, beta, decay, max_norm)
+
+
+def chunk_scan(y: Tensor, x: Tensor, S: Tensor, slot: int, offsets: Tensor, V: Tensor, X: Tensor,
+               write_offsets: Tensor, beta: Tensor | None = None, decay: float = 1.0,
+               max_norm: float | None = None, base: Tensor | None = None, *, impl: Impl = "auto") -> Tensor:
+    """A span of one slot whose chunk writes are all known before it is applied (targets that do not read the
+    span's outputs): ``apply`` and ``write`` alternated chunk by chunk, in one op.
+
+    For each piece k (rows ``offsets[k]:offsets[k+1]`` of y and x): ``y += x (base + S_k)^T`` (``base`` None: 0),
+    then, for ``k < J``, chunk k is written: ``S_{k+1} = decay * S_k + scale_k * V_k^T diag(beta_k) X_k`` with
+    rows ``write_offsets[k]:write_offsets[k+1]`` of V, X and beta, ``scale_k`` the Frobenius clip to ``max_norm``
+    as ``write``. A chunk whose write norm is not finite is refused (``S_{k+1} = S_k``) and the later chunks still
+    written. ``S[slot]`` ends as ``S_K`` (rounded to its dtype once).
+
+    Args:
+        y: `[T, d]` outputs, updated in place; x: `[T, f]` inputs; S: `[N, d, f]`; slot: the slot of the span.
+        offsets: `[K + 1]` piece bounds into the T rows (from 0 or more, non-decreasing, ending at T).
+        V: `[M, d]` targets; X: `[M, f]` keys; beta: `[M]` or None; write_offsets: `[J + 1]`, J <= K, ending at M.
+        base: `[d, f]` weight added to S in every piece's product (the static ``W0``: y then starts as the bias).
+
+    Returns:
+        `[J]` float32 norms of the unclipped writes (non-finite where a chunk was refused).
+    """
+    if y.dim() != 2 or x.dim() != 2 or S.dim() != 3 or V.dim() != 2 or X.dim() != 2:
+        shapes = f"y {tuple(y.shape)}, x {tuple(x.shape)}, S {tuple(S.shape)}, V {tuple(V.shape)}, X {tuple(X.shape)}"
+        raise ValueError(f"bad shapes: {shapes}")
+    if not 0 <= slot < S.shape[0]:
+        raise IndexError(f"slot {slot} out of range for a state of {S.shape[0]} slots")
+    if x.shape[0] != y.shape[0] or V.shape[0] != X.shape[0]:
+        raise ValueError("y and x, and V and X, must have the same number of rows")
+    d, f = S.shape[1:]
+    if y.shape[1] != d or V.shape[1] != d or x.shape[1] != f or X.shape[1] != f:
+        raise ValueError(f"S {tuple(S.shape)} does not match y {tuple(y.shape)}, x {tuple(x.shape)}, "
+                         f"V {tuple(V.shape)}, X {tuple(X.shape)}")
+    if offsets.numel() < 1 or write_offsets.numel() < 1:
+        raise ValueError("offsets and write_offsets need at least one entry")
+    _check_offsets(offsets, offsets.numel() - 1, x.shape[0])
+    _check_offsets(write_offsets, write_offsets.numel() - 1, X.shape[0])
+    if write_offsets.numel() > offsets.numel():
+        raise ValueError("more chunk writes than pieces: write_offsets may have at most len(offsets) entries")
+    if beta is not None and beta.shape != (V.shape[0],):
+        raise ValueError(f"beta must be [M] = ({V.shape[0]},), got {tuple(beta.shape)}")
+    if base is not None and base.shape != (d, f):
+        raise ValueError(f"base must be [d, f] = ({d}, {f}), got {tuple(base.shape)}")
+    _check_device(y, x, S, offsets, V, X, write_offsets, beta, base)
+    activations = (y, x, V, X) if base is None else (y, x, V, X, base)
+    if _resolve(impl, S, *activations) == "triton":
+        module = _triton("chunk_scan_triton", S.device)
+        return module.chunk_scan_triton(y, x, S, slot, offsets, V, X, write_offsets, beta, decay, max_norm, base)
+    return torch_ops.chunk_scan_torch(y, x, S, slot, offsets, V, X, write_offsets, beta, decay, max_norm, base)

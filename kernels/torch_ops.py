@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -160,3 +161,58 @@ def apply_write_torch(
     slots = torch.tensor([slot], device=S.device)
     b = None if beta is None else beta[None]
     return write_torch(S, slots, V[None], x[None], b, decay, bound)[0]
+
+
+def chunk_scan_torch(
+    y: Tensor,
+    x: Tensor,
+    S: Tensor,
+    slot: int,
+    offsets: Tensor,
+    V: Tensor,
+    X: Tensor,
+    write_offsets: Tensor,
+    beta: Tensor | None = None,
+    decay: float = 1.0,
+    max_norm: float | None = None,
+    base: Tensor | None = None,
+) -> Tensor:
+    # one float32 copy of the slot carried across the span (the slot itself when it is float32), written back once
+    acc = torch.promote_types(S.dtype, torch.float32)
+    target = S[slot]
+    state = target if target.dtype == acc else target.to(acc)
+    weight = None if base is None else torch.empty(state.shape, dtype=acc, device=S.device)
+    bounds, wbounds = offsets.tolist(), write_offsets.tolist()
+    J = len(wbounds) - 1
+    norms = torch.empty(J, dtype=torch.float32, device=S.device)
+    for k in range(len(bounds) - 1):
+        a, e = bounds[k], bounds[k + 1]
+        if e > a:
+            w = state if weight is None else torch.add(base, state, out=weight)  # base + S_k: one matmul per piece
+            if y.dtype == acc and x.dtype == acc:
+                y[a:e].addmm_(x[a:e], w.T)
+            else:
+                y[a:e].add_((x[a:e].to(acc) @ w.T).to(y.dtype))
+        if k >= J:
+            continue
+        p, q = wbounds[k], wbounds[k + 1]
+        v = V[p:q].to(acc) if beta is None else V[p:q].to(acc) * beta[p:q].to(acc)[:, None]
+        keys = X[p:q].to(acc)
+        if gram_norm_pays(q - p, state.shape[0], state.shape[1]):
+            norm = write_norms(V[None, p:q], X[None, p:q], None if beta is None else beta[None, p:q])[0]
+            update = None
+        else:
+            update = v.T @ keys
+            norm = torch.linalg.vector_norm(update)
+        norms[k] = norm
+        value = float(norm)
+        if not math.isfinite(value):
+            continue  # refused: S_{k+1} = S_k
+        scale = 1.0 if max_norm is None or value <= max_norm else max_norm / max(value, 1e-30)
+        if update is None:
+            state.addmm_(v.T, keys, beta=decay, alpha=scale)
+        else:
+            (state if decay == 1.0 else state.mul_(decay)).add_(update, alpha=scale)
+    if state is not target:
+        target.copy_(state)
+    return norms

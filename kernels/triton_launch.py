@@ -58,7 +58,7 @@ class Tiles:
 
 
 def tiles(kind: str, interpret: bool) -> Tiles:
-    """Tiles for ``kind`` in ``decode``, ``prefill``, ``write``, ``fused``."""
+    """Tiles for ``kind`` in ``decode``, ``prefill``, ``write``, ``fused``, ``scan``."""
     if interpret:
         return Tiles(block_t=16, block_d=32, block_f=32, num_warps=4)
     return {
@@ -66,6 +66,7 @@ def tiles(kind: str, interpret: bool) -> Tiles:
         "prefill": Tiles(block_t=64, block_d=64, block_f=64, num_warps=4),
         "write": Tiles(block_t=32, block_d=128, block_f=128, num_warps=8),
         "fused": Tiles(block_t=0, block_d=64, block_f=64, num_warps=8),
+        "scan": Tiles(block_t=32, block_d=64, block_f=64, num_warps=4),
     }[kind]
 
 

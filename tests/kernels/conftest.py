@@ -21,7 +21,13 @@ if "triton" not in sys.modules and not torch.cuda.is_available() and "TRITON_INT
     _SET_HERE = True
 try:
     import triton.experimental.gluon  # noqa: F401  (imported lazily by Triton at launch; needs the variable)
-    from adapt_runtime.kernels import apply_triton, apply_write_triton, triton_launch, write_triton  # noqa: F401
+    from adapt_runtime.kernels import (  # noqa: F401
+        apply_triton,
+        apply_write_triton,
+        chunk_scan_triton,
+        triton_launch,
+        write_triton,
+    )
 
     INTERPRETING = triton_launch.interpreting()
 except ImportError:
