@@ -80,9 +80,8 @@ class PlasticDown(nn.Module):
         if b.merged is not None:
             y = F.linear(x, b.merged.to(x.dtype), self.bias)
         else:
-            y = self.base(x)
-            if b.one_pass is not None:
-                y = b.one_pass.layer(self.index, x, y, b.records)
+            # a one-pass span takes the static product too: it may fold W0 into its own products
+            y = self.base(x) if b.one_pass is None else b.one_pass.layer(self.index, x, self, b.records)
             if b.per_row is not None:
                 rows, steps = x.shape[0], x.shape[1]
                 flat_y = y.reshape(rows * steps, -1).clone()

@@ -257,6 +257,87 @@ def test_gradient_and_error_rules_keep_the_segment_path(monkeypatch: pytest.Monk
         assert widths == [5, 5, 2]
 
 
+# ---------------------------------------------------------------------------------------- kernels.chunk_scan
+def scans(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per ``kernels.chunk_scan`` call of a one-pass layer from now on: whether ``W0`` was folded in."""
+    calls: list[bool] = []
+    scan = one_pass.kernels.chunk_scan
+
+    def spy(*args, **kwargs):
+        calls.append(args[11] is not None)
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(one_pass.kernels, "chunk_scan", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["inplace-ttt", "hooked-down", "hebbian-next-token", "hebbian-output",
+                                  "norm-bound", "bfloat16-state"])
+def test_chunk_scan_where_every_write_is_known_first(ttt_folder: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     case: str) -> None:
+    """Rows whose chunk writes are all known before the span is applied run as one ``chunk_scan`` per layer (with
+    ``W0`` folded in unless the down projection has a forward of its own), with the segment path's logits and
+    state; targets that read ``y``, the norm bound and a bfloat16 state keep the piece-by-piece path."""
+    hebbian = {"hebbian-next-token": {"target": "next_token", "norm_jacobian": False, "norm_bound": 0},
+               "hebbian-output": {}}
+    if case in hebbian:
+        rt = hebbian_runtime(**hebbian[case])
+    else:
+        rt = ttt_runtime(ttt_folder, **{"norm-bound": {"norm_bound": 0.02},
+                                        "bfloat16-state": {"state_dtype": "bfloat16"}}.get(case, {}))
+    if case == "hooked-down":
+        for wrapper in rt.plastic.values():
+            wrapper.base.register_forward_hook(lambda module, args, out: None)
+    C = rt.config.chunk_size
+    ids = tokens(3 * C + 2, seed=14)
+    calls = scans(monkeypatch)
+    one, seg = rt.new_state(), rt.new_state()
+    logits = feed(rt, ids, one, [len(ids)], True)
+    expected = {"inplace-ttt": [True] * 3, "hooked-down": [False] * 3, "hebbian-next-token": [True]}
+    assert calls == expected.get(case, [])
+    kind = "bfloat16-state" if case == "bfloat16-state" else "logits"
+    assert_close(logits, feed(rt, ids, seg, [len(ids)], False), kind)
+    if kind == "logits":
+        assert_same_state(one, seg)
+
+
+@pytest.mark.parametrize("start", [4, 6])
+def test_chunk_scan_takes_the_pending_keys(ttt_folder: Path, monkeypatch: pytest.MonkeyPatch, start: int) -> None:
+    """A span that completes the state's pending chunk: its first write's keys are the pending rows and the span's
+    first piece, packed for the scan."""
+    rt = ttt_runtime(ttt_folder)
+    ids = tokens(3 * rt.config.chunk_size + 1, seed=15)
+    one, seg = rt.new_state(), rt.new_state()
+    head = feed(rt, ids, one, [start], False)
+    calls = scans(monkeypatch)
+    logits = torch.cat([head, feed(rt, ids[start:], one, [len(ids) - start], True)], dim=1)
+    assert calls == [True] * 3
+    assert_close(logits, feed(rt, ids, seg, [1] * len(ids), False), "logits")
+    assert_same_state(one, seg)
+
+
+def test_keys_of_packs_views_without_a_copy() -> None:
+    x = torch.randn(10, 3)
+    writes = [Write(0, torch.randn(4, 2), x[0:4], torch.ones(4)), Write(0, torch.randn(4, 2), x[4:8], torch.ones(4))]
+    assert one_pass.keys_of(writes, x, [(0, 4), (4, 8)]).data_ptr() == x.data_ptr()
+    other = [writes[0], Write(0, torch.randn(4, 2), x[4:8].clone(), torch.ones(4))]
+    packed = one_pass.keys_of(other, x, [(0, 4), (4, 8)])
+    assert packed.data_ptr() != x.data_ptr() and torch.equal(packed, x[:8])
+
+
+def test_fits_float32_is_the_write_bound_with_a_margin() -> None:
+    from adapt_runtime.writes import OVERFLOW_GUARD, write_bound
+
+    V, X, beta = torch.randn(6, 4), torch.randn(6, 5), torch.rand(6)
+    assert bool(one_pass.fits_float32(V, X, beta))
+    for scale in (OVERFLOW_GUARD / 10, math.inf, math.nan):
+        big = X.clone()
+        big[2, 1] = scale
+        assert not bool(one_pass.fits_float32(V, big, beta))
+        if math.isfinite(scale):  # refused here, while the exact bound would still take it
+            assert bool(write_bound(Write(0, V, big, beta)) <= OVERFLOW_GUARD)
+
+
 # ---------------------------------------------------------------------------------------------- logits="last"
 @pytest.mark.parametrize("rule", ["inplace-ttt", "hebbian", "hebbian-output", "none", "gradient"])
 def test_last_logits_equal_the_full_forwards_last_row(ttt_folder: Path, rule: str) -> None:
