@@ -54,6 +54,8 @@ class LearnedRule(Rule):
         self.params = params
         self.plasticity: PlasticityConfig = params.config
         c = self.plasticity
+        if c.form == "gradient" and c.inner != "next_token":
+            raise ValueError(f"learned: the runtime computes the next-token inner loss only, not {c.inner!r}")
         self.default_chunk_size = c.chunk_size
         self.default_layers = c.layers
         self.needs_grad = c.form == "gradient"

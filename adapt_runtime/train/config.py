@@ -14,6 +14,14 @@ gate ``eta_t = eta_max * sigmoid(w_l . h_t + b_l)`` of the MLP input ``h_t``, wh
 Chaudhary (2025), ``W <- (1 - eta) W + eta alpha . Delta``: ``lambda_i = decay_l * (1 - mean_t eta_t)``; without the
 gate ``lambda_i = decay_l``. ``rate_l = softplus(.) > 0`` and ``decay_l = sigmoid(.) in (0, 1)`` are learned per
 layer, ``alpha_l`` `[d, f]` (per-connection coefficients) when ``alpha`` is set.
+
+``norm`` sets the divisor: ``key`` is ``K`` above; ``delta`` is Chaudhary (2025)'s clip, per position
+``m_t <- m_t * min(1, 1 / ||Delta_t||)`` with ``||Delta_t||^2 = sum_l ||v_lt||^2 ||x_lt||^2`` (the outer products of all
+plastic layers together) and no ``K``; with the gate the clipped ``m_t`` also sets the forgetting, so that with
+``chunk_size`` 1, ``init_decay`` 1 (fixed) and the gate this is their ``W <- (1 - eta) W + eta alpha . Delta``,
+``eta = eta_max sigmoid(.) min(1, 1/||Delta||)``. ``inner`` is the gradient form's loss: ``next_token`` (the chunk's
+summed next-token cross-entropy) or ``internal``, a learned loss of the outputs alone, ``sum_t mean((P z_t)^2)`` with
+``z_t`` the logits and ``P`` `[V, V]` learned (init identity; Chaudhary's internal loss, which needs no labels).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from typing import Any
 FORMS = ("hebbian", "delta", "gradient")
 TARGETS = ("output", "error", "next_token")
 MODULATIONS = ("none", "surprise", "gate")
+NORMS = ("key", "delta")
+INNERS = ("next_token", "internal")
 CONFIG_FILE = "plasticity.json"
 PARAMS_FILE = "plasticity.safetensors"
 
@@ -45,6 +55,8 @@ class PlasticityConfig:
         init_rate: ``rate_l`` at initialisation.
         init_decay: ``decay_l`` at initialisation; with ``learn_decay`` False it stays there (1.0 allowed).
         learn_decay: learn ``decay_l`` (in (0, 1)) or keep ``init_decay``.
+        norm: the rate's divisor, ``key`` or ``delta`` (see the module docstring).
+        inner: the gradient form's inner loss, ``next_token`` or ``internal``.
     """
 
     form: str = "hebbian"
@@ -57,6 +69,8 @@ class PlasticityConfig:
     init_rate: float = 1.0
     init_decay: float = 0.99
     learn_decay: bool = True
+    norm: str = "key"
+    inner: str = "next_token"
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -65,6 +79,10 @@ class PlasticityConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.modulation not in MODULATIONS:
             raise ValueError(f"modulation must be one of {MODULATIONS}, got {self.modulation!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.inner not in INNERS:
+            raise ValueError(f"inner must be one of {INNERS}, got {self.inner!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if not self.layers:
@@ -84,6 +102,11 @@ class PlasticityConfig:
     def needs_targets(self) -> bool:
         """Whether a write reads per-position targets computed from the logits (``v`` or the surprise)."""
         return (self.form != "gradient" and self.target != "output") or self.modulation == "surprise"
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether a write reads the next tokens (targets, or the gradient form's next-token loss)."""
+        return self.needs_targets or (self.form == "gradient" and self.inner == "next_token")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -8,6 +8,8 @@ in context windows of ``window`` tokens (a multiple of C) with the KV cache drop
 ``Runtime.read`` does, so S is the only path from one window to the next. The gradient form takes ``dL/dy`` of the
 chunk's own forward with ``create_graph`` when the outer loss needs gradients (Duan et al.); as in the runtime, the
 last chunk of a window is written after the KV is dropped, so its gradient is that of the chunk recomputed alone.
+The inputs are token ids or, for models fed vectors (the seed papers' tasks), ``embeds`` `[B, T, d]`; then a rule
+must not read the next tokens (``PlasticityConfig.needs_labels``).
 """
 
 from __future__ import annotations
@@ -69,15 +71,32 @@ class PlasticLM(nn.Module):
         self._cache_arg = cache_argument(model)
         self._unembed = model.get_output_embeddings().weight
 
-    def forward(self, ids: Tensor, window: int | None = None, adapt: bool = True) -> PlasticOutput:
+    def forward(
+        self, ids: Tensor | None, window: int | None = None, adapt: bool = True, embeds: Tensor | None = None
+    ) -> PlasticOutput:
         """Read ``ids`` `[B, T]` (each row a stream from S = 0) in windows of ``window`` tokens (None: one context).
 
         Args:
             adapt: False never writes (S stays 0: the model as it is, for the static baseline).
+            embeds: the input vectors `[B, T, d]` instead of ``ids`` (None), for a rule that reads no labels.
         """
-        if ids.dim() != 2:
-            raise ValueError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
-        C, (rows, total) = self.config.chunk_size, ids.shape
+        if embeds is not None:
+            if embeds.dim() != 3:
+                raise ValueError(f"embeds must be [B, T, d], got shape {tuple(embeds.shape)}")
+            if adapt and self.config.needs_labels:
+                raise ValueError("this rule reads the next tokens: pass ids, not embeds")
+            rows, total = embeds.shape[:2]
+            device = embeds.device
+        else:
+            if ids is None or ids.dim() != 2:
+                raise ValueError(f"ids must be [B, T], got {None if ids is None else tuple(ids.shape)}")
+            rows, total = ids.shape
+            device = ids.device
+        C = self.config.chunk_size
+
+        def part(a: int, b: int) -> tuple[Tensor | None, Tensor | None]:
+            return (None, embeds[:, a:b]) if embeds is not None else (ids[:, a:b], None)
+
         window = window or total
         if window % C:
             raise ValueError(f"window {window} must be a multiple of the chunk size {C}")
@@ -96,22 +115,22 @@ class PlasticLM(nn.Module):
                     for c0 in range(start, end, C):
                         c1 = min(c0 + C, end)
                         with torch.set_grad_enabled(outer or gradient):
-                            logits = self._call(hooks, ids[:, c0:c1], cache, c0 - start, gradient)
+                            logits = self._call(hooks, part(c0, c1), cache, c0 - start, gradient)
                         records = {i: dict(r) for i, r in hooks.records.items()}
                         if adapt and c1 - c0 == C and c1 < total:
-                            labels = ids[:, c0 + 1 : c1 + 1]
+                            labels = None if ids is None else ids[:, c0 + 1 : c1 + 1]
                             fresh = gradient and c1 == end  # written after the next window dropped the KV
                             inputs = self._inputs(
-                                hooks, records, logits, labels, ids[:, c0:c1] if fresh else None, outer
+                                hooks, records, logits, labels, part(c0, c1) if fresh else None, outer
                             )
                             for i, update in chunk_updates(self.rule, inputs).items():
-                                S = hooks.S[i] if hooks.S[i] is not None else self._zeros(i, rows, ids.device)
+                                S = hooks.S[i] if hooks.S[i] is not None else self._zeros(i, rows, device)
                                 hooks.S[i] = update.apply(S) if outer else update.apply(S).detach()
                             writes += 1
                         outs.append(logits if outer else logits.detach())
         finally:
             hooks.remove()
-        S = {i: (s if s is not None else self._zeros(i, rows, ids.device)) for i, s in hooks.S.items()}
+        S = {i: (s if s is not None else self._zeros(i, rows, device)) for i, s in hooks.S.items()}
         return PlasticOutput(torch.cat(outs, dim=1), S, writes)
 
     def _zeros(self, layer: int, rows: int, device: torch.device) -> Tensor:
@@ -119,12 +138,23 @@ class PlasticLM(nn.Module):
         shape = tuple(w.T.shape) if self.spec.conv1d else tuple(w.shape)
         return torch.zeros(rows, *shape, dtype=w.dtype, device=device)
 
-    def _call(self, hooks: FastWeightHooks, ids: Tensor, cache: DynamicCache, offset: int, probe: bool) -> Tensor:
+    def _call(
+        self,
+        hooks: FastWeightHooks,
+        inputs: tuple[Tensor | None, Tensor | None],
+        cache: DynamicCache,
+        offset: int,
+        probe: bool,
+    ) -> Tensor:
+        """The logits of one chunk, ``inputs`` its ``(ids, None)`` or ``(None, embeds)``."""
         hooks.probe = probe
         for r in hooks.records.values():
             r.clear()
-        positions = torch.arange(offset, offset + ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_arg: cache})
+        ids, embeds = inputs
+        given = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+        ref = ids if embeds is None else embeds
+        positions = torch.arange(offset, offset + ref.shape[1], device=ref.device)[None].expand(ref.shape[0], -1)
+        out = self.model(**given, position_ids=positions, use_cache=True, **{self._cache_arg: cache})
         return out.logits
 
     def _inputs(
@@ -132,24 +162,28 @@ class PlasticLM(nn.Module):
         hooks: FastWeightHooks,
         records: dict[int, dict[str, Tensor]],
         logits: Tensor,
-        labels: Tensor,
-        fresh_ids: Tensor | None,
+        labels: Tensor | None,
+        fresh: tuple[Tensor | None, Tensor | None] | None,
         outer: bool,
     ) -> ChunkInputs:
-        """The chunk's ``ChunkInputs`` (``fresh_ids``: recompute the chunk alone for the gradient form)."""
+        """The chunk's ``ChunkInputs`` (``fresh``: recompute the chunk alone for the gradient form)."""
         config, layers = self.config, self.config.layers
         x = {i: records[i]["x"] for i in layers}
         inputs = ChunkInputs(x=x, h={i: records[i]["h"] for i in layers})
         if config.form == "gradient":
-            if fresh_ids is not None:
+            if fresh is not None:
                 with torch.enable_grad():
-                    logits = self._call(hooks, fresh_ids, DynamicCache(), 0, True)
+                    logits = self._call(hooks, fresh, DynamicCache(), 0, True)
                 x = inputs.x = {i: hooks.records[i]["x"] for i in layers}
                 ys = [hooks.records[i]["y"] for i in layers]
             else:
                 ys = [records[i]["y"] for i in layers]
             with torch.enable_grad():
-                inner = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+                if config.inner == "internal":
+                    inner = self.rule.internal_loss(logits)
+                else:
+                    flat = logits.reshape(-1, logits.shape[-1])
+                    inner = F.cross_entropy(flat, labels.reshape(-1), reduction="sum")
                 grads = torch.autograd.grad(inner, ys, create_graph=outer)
             inputs.grads = dict(zip(layers, grads))
             if not outer:

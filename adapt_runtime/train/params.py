@@ -3,7 +3,8 @@ by the runtime's ``learned`` rule (``plasticity.safetensors`` beside a checkpoin
 
 Every parameter is unconstrained and mapped into its range: ``rate_l = softplus(rate_raw_l)`` (positive),
 ``decay_l = sigmoid(decay_raw_l)`` (in (0, 1)), the gate ``eta_max * sigmoid(w_l . h + b_l)``; ``alpha_l`` is used
-as is (init 1). Layers are keyed by their decoder index (``"3"``).
+as is (init 1), and so is the internal loss's ``P`` `[V, V]` (``inner`` ``internal``, init identity). Layers are keyed
+by their decoder index (``"3"``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ class RuleParams(nn.Module):
         config: the rule's structure and initial values.
         shapes: per plastic layer its down projection's ``(d, f)``; ``hidden``: per layer the MLP input width
             (the gate's input, ``d`` for every supported architecture).
+        vocab: the width ``V`` of the logits, for the internal loss's ``P`` (``inner`` ``internal`` only).
     """
 
-    def __init__(self, config: PlasticityConfig, shapes: dict[int, tuple[int, int]]) -> None:
+    def __init__(self, config: PlasticityConfig, shapes: dict[int, tuple[int, int]], vocab: int | None = None) -> None:
         super().__init__()
         missing = [i for i in config.layers if i not in shapes]
         if missing:
@@ -56,6 +58,10 @@ class RuleParams(nn.Module):
                 {str(i): nn.Parameter(torch.zeros(self.shapes[i][0])) for i in config.layers}
             )
             self.gate_b = nn.Parameter(torch.zeros(n))
+        if config.form == "gradient" and config.inner == "internal":
+            if vocab is None:
+                raise ValueError("the internal inner loss needs the width of the logits: pass vocab")
+            self.internal = nn.Parameter(torch.eye(vocab))
         self._index = {layer: k for k, layer in enumerate(config.layers)}
 
     def rate(self, layer: int) -> Tensor:
@@ -74,6 +80,11 @@ class RuleParams(nn.Module):
         w = self.gate_w[str(layer)]
         score = h.to(w.dtype) @ w + self.gate_b[self._index[layer]]
         return self.config.eta_max * torch.sigmoid(score)
+
+    def internal_loss(self, logits: Tensor) -> Tensor:
+        """Chaudhary's internal loss of the logits `[..., V]`: ``sum_t mean_k (P z_t)_k^2`` (a scalar)."""
+        z = logits.to(self.internal.dtype) @ self.internal.T
+        return z.pow(2).mean(-1).sum()
 
     def summary(self) -> dict[str, list[float]]:
         """The mapped per-layer values (rate, decay), for logs."""
@@ -106,6 +117,7 @@ class RuleParams(nn.Module):
                 shapes[i] = (tensors[f"gate_w.{i}"].shape[0], 0)
             else:
                 shapes[i] = (0, 0)
-        params = cls(config, shapes)
+        vocab = tensors["internal"].shape[0] if "internal" in tensors else None
+        params = cls(config, shapes, vocab)
         params.load_state_dict(tensors)
         return params.to(device)

@@ -84,19 +84,34 @@ def key_scales(keys: list[Tensor]) -> Tensor:
     return (keys[0].shape[1] * mean_sq).clamp_min(1e-12)
 
 
+def delta_clip(values: list[Tensor], keys: list[Tensor], max_norm: float = 1.0) -> Tensor:
+    """`[B, n]` ``min(1, max_norm / ||Delta_t||)``, ``||Delta_t||^2 = sum_l ||v_lt||^2 ||x_lt||^2 (+1e-8)``: the norm of
+    each position's outer products ``v_lt x_lt^T`` over all plastic layers together (Chaudhary 2025's clip)."""
+    sq = sum(V.pow(2).sum(-1) * X.pow(2).sum(-1) for V, X in zip(values, keys))
+    return (max_norm / (torch.sqrt(sq + 1e-8) + 1e-8)).clamp(max=1.0)
+
+
 def chunk_updates(params: RuleParams, inputs: ChunkInputs, lr: float = 1.0) -> dict[int, LayerUpdate]:
     """Each plastic layer's update from one finished chunk (``lr`` multiplies every rate; the runtime's ``lr``)."""
     config = params.config
-    scale = key_scales([inputs.x[i] for i in config.layers])  # [B]
-    updates = {}
+    values = {}
     for i in config.layers:
-        X = inputs.x[i]
         if config.form == "gradient":
             V = -inputs.grads[i]
         else:
             V = inputs.y[i] if config.target == "output" else inputs.targets["v"]
             if config.form == "delta":
                 V = V - inputs.retrieved[i]
+        values[i] = V
+    if config.norm == "delta":
+        clip = delta_clip([values[i] for i in config.layers], [inputs.x[i] for i in config.layers])  # [B, n]
+        scale = torch.ones_like(clip[:, 0])
+    else:
+        clip = None
+        scale = key_scales([inputs.x[i] for i in config.layers])  # [B]
+    updates = {}
+    for i in config.layers:
+        X, V = inputs.x[i], values[i]
         rows, n = X.shape[0], X.shape[1]
         if config.modulation == "gate":
             m = params.gate(i, inputs.h[i])  # [B, n]
@@ -105,6 +120,8 @@ def chunk_updates(params: RuleParams, inputs: ChunkInputs, lr: float = 1.0) -> d
             m = nll / nll.mean(-1, keepdim=True).clamp_min(1e-6)
         else:
             m = torch.ones(rows, n, dtype=X.dtype, device=X.device)
+        if clip is not None:
+            m = m * clip
         decay = params.decay(i).expand(rows)
         if config.modulation == "gate":
             decay = decay * (1 - m.mean(-1))
