@@ -132,6 +132,8 @@ def build_config(api_keys: tuple[str, ...], api_key_file: Path | None, rule_conf
         keys.append(os.environ["ADAPT_SERVE_API_KEY"])
     if api_key_file is not None:
         keys.extend(read_api_key_file(api_key_file))
+    json_fields = {f.name for f in dataclasses.fields(ServerConfig) if f.metadata.get("kind") == "json"}
+    options = {name: ({} if value is None and name in json_fields else value) for name, value in options.items()}
     try:
         return ServerConfig(api_keys=tuple(dict.fromkeys(keys)), rule_config=rule_config or {}, **options)
     except (TypeError, ValueError) as err:

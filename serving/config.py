@@ -88,6 +88,15 @@ class ServerConfig:
                                   "per plastic layer instead of d f): many more sessions fit in "
                                   "--session-memory-budget, at a small quality cost (README, 'Compact state'). "
                                   "Their state files and adapters hold the factors. Default: dense.")
+    engine: str = knob("native", "What generates the tokens: 'native' (the runtime's own scheduler; every rule, "
+                       "dense or rank-R states) or 'vllm' (vLLM generates with each session's memory as a LoRA "
+                       "adapter and the runtime learns each turn's prompt before and its completion after; needs "
+                       "vLLM installed and --state-rank R; README, 'vLLM engine').", kind="choice:native|vllm")
+    vllm_max_loras: int = knob(8, "With --engine vllm: distinct session adapters in one vLLM batch (vLLM's "
+                               "max_loras; it keeps twice as many loaded).")
+    vllm_options: dict[str, Any] = knob({}, "With --engine vllm: more vLLM engine arguments as a JSON object "
+                                        "(vLLM's AsyncEngineArgs), e.g. '{\"gpu_memory_utilization\": 0.5}'.",
+                                        kind="json", metavar="JSON")
 
     def __post_init__(self) -> None:
         from adapt_runtime.rules import rule_names  # the registry is the one list of rules
@@ -95,7 +104,7 @@ class ServerConfig:
         if self.rule not in rule_names():
             raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(rule_names())}")
         positive = ("max_sessions", "session_memory_budget", "max_request_bytes", "max_concurrent_requests",
-                    "max_read_tokens")
+                    "max_read_tokens", "vllm_max_loras")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")

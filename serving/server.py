@@ -24,6 +24,7 @@ from adapt_runtime.serving.sessions import SessionStore
 import adapt_runtime as ar
 
 if TYPE_CHECKING:
+    from adapt_runtime.serving.engine_protocol import EngineProtocol
     from adapt_runtime.serving.session_store import SessionStoreProtocol
 
     from adapt_runtime.runtime import Runtime
@@ -45,8 +46,7 @@ def create_context(config: ServerConfig,
     model, tokenizer = ar.load_model(config.model, dtype=config.dtype, device=config.device)
     runtime = ar.patch(model, rule=config.rule, **config.patch_options)
     metrics = Metrics()
-    engine = Engine(runtime, tokenizer, config.max_model_len, on_step=metrics.on_step,
-                    prefill_chunk=config.prefill_chunk)
+    engine = make_engine(config, runtime, tokenizer, metrics)
     persistent = config.session_dir is not None
 
     def on_event(event: str) -> None:
@@ -74,6 +74,21 @@ def create_context(config: ServerConfig,
     log.info("model %s, rule %s, max length %d, %d sessions restored from %s%s", config.model, config.rule,
              engine.max_len, restored, root, "" if persistent else " (temporary: spill only)")
     return ctx
+
+
+def make_engine(config: ServerConfig, runtime: Runtime, tokenizer: Any, metrics: Metrics) -> EngineProtocol:
+    """The engine ``--engine`` names: the native scheduler, or vLLM generating with the runtime learning."""
+    if config.engine == "vllm":
+        from adapt_runtime.serving.vllm_engine import VllmEngine
+
+        from adapt_runtime.models import resolve_model_name
+
+        return VllmEngine(runtime, tokenizer, resolve_model_name(config.model), config.max_model_len,
+                          on_step=metrics.on_step, prefill_chunk=config.prefill_chunk,
+                          max_loras=config.vllm_max_loras, max_num_seqs=config.max_concurrent_requests,
+                          options=config.vllm_options)
+    return Engine(runtime, tokenizer, config.max_model_len, on_step=metrics.on_step,
+                  prefill_chunk=config.prefill_chunk)
 
 
 def serve(config: ServerConfig, log_level: str = "info") -> None:

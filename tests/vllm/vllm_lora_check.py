@@ -25,26 +25,13 @@ import time
 from pathlib import Path
 
 import torch
+from vllm_testing import make_model
 
 TOLERANCE = 1e-4  # nats; float32 on both sides, different kernels and summation orders (measured ~2e-6)
 MIN_EFFECT = 0.05  # nats: the exact adapter must move some logprob by more than this
 PROMPT = "The little dog ran to the park. He saw a big red ball and a girl named Lily. She"
 TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play with her ball in the park. "
         "One day, she saw a big dog. The dog was sad because he lost his bone. Lily wanted to help the dog. ") * 2
-
-
-def make_model(folder: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import adapt_runtime as ar
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, initializer_range=0.05)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
-        shutil.copy(ar.bundled_model_dir() / name, folder / name)
 
 
 def runtime_logprobs(rt, state, ids: list[int]) -> torch.Tensor:
