@@ -181,7 +181,9 @@ def chunk_scan_torch(
     acc = torch.promote_types(S.dtype, torch.float32)
     target = S[slot]
     state = target if target.dtype == acc else target.to(acc)
+    # buffers made once: a fresh [d, f] tensor per piece costs as much as the piece's matmul on a CPU (page faults)
     weight = None if base is None else torch.empty(state.shape, dtype=acc, device=S.device)
+    update_buffer: Tensor | None = None
     bounds, wbounds = offsets.tolist(), write_offsets.tolist()
     J = len(wbounds) - 1
     norms = torch.empty(J, dtype=torch.float32, device=S.device)
@@ -202,7 +204,9 @@ def chunk_scan_torch(
             norm = write_norms(V[None, p:q], X[None, p:q], None if beta is None else beta[None, p:q])[0]
             update = None
         else:
-            update = v.T @ keys
+            if update_buffer is None:
+                update_buffer = torch.empty(state.shape, dtype=acc, device=S.device)
+            update = torch.mm(v.T, keys, out=update_buffer)
             norm = torch.linalg.vector_norm(update)
         norms[k] = norm
         value = float(norm)
