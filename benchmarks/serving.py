@@ -74,7 +74,7 @@ def start_server(rule: str, model: str, threads: int, log_path: Path) -> ServerP
                           "--max-concurrent-requests", "256", "--threads", str(threads)], log_path=log_path)
 
 
-async def stream_once(http: httpx.AsyncClient, sid: str, prompt: str, max_tokens: int) -> RequestStats:
+async def stream_once(http: httpx.AsyncClient, sid: str, prompt: str | list[int], max_tokens: int) -> RequestStats:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True}
     start = time.perf_counter()
     stamps: list[float] = []
@@ -106,18 +106,22 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def measure(server: ServerProcess, rule: str, sessions: int, turns: int, max_tokens: int) -> Row:
+async def measure(server: ServerProcess, rule: str, sessions: int, turns: int, max_tokens: int,
+                  prompts: list[str] | list[list[int]] | None = None) -> Row:
+    """``sessions`` clients, each streaming ``turns`` completions through its own session (``prompts`` in turn,
+    text or token ids; default ``PROMPTS``), after one warm-up turn each."""
+    prompts = prompts or PROMPTS
     limits = httpx.Limits(max_connections=sessions + 4)
     async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
                                  timeout=600, limits=limits) as http:
         sids = [await new_session(http) for _ in range(sessions)]
-        await asyncio.gather(*(stream_once(http, s, PROMPTS[0], 4) for s in sids))  # warm-up turn
+        await asyncio.gather(*(stream_once(http, s, prompts[0], 4) for s in sids))  # warm-up turn
 
         async def client(i: int) -> list[RequestStats | Exception]:
             out: list[RequestStats | Exception] = []
             for t in range(turns):
                 try:
-                    out.append(await stream_once(http, sids[i], PROMPTS[(i + t) % len(PROMPTS)], max_tokens))
+                    out.append(await stream_once(http, sids[i], prompts[(i + t) % len(prompts)], max_tokens))
                 except (RuntimeError, httpx.HTTPError) as exc:
                     out.append(exc)
             return out

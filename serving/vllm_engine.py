@@ -73,9 +73,9 @@ def lora_rank_for(state_rank: int) -> int:
 
 
 def check_runtime(runtime: Runtime) -> None:
-    """The vLLM engine serves memory as an exact LoRA: a plastic runtime must hold rank-R states."""
+    """The vLLM engine serves memory as an exact LoRA: a runtime that learns must hold rank-R states."""
     spec = runtime.state_spec
-    if not spec.layers:
+    if spec.rule == "none" or not spec.layers:  # nothing learns: vLLM serves the base model
         return
     if spec.state_rank is None:
         raise VllmSetupError("--engine vllm serves each session's memory as a LoRA adapter and needs rank-R states: "
