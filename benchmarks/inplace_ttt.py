@@ -3,6 +3,7 @@
     python benchmarks/inplace_ttt.py                  # prefill 2048, greedy decode 256, TTFT of a 256-token prompt
     python benchmarks/inplace_ttt.py --save-checkpoint DIR   # also keep the checkpoint (to run other code on it)
     python benchmarks/inplace_ttt.py --segments       # also the rule read segment by segment (no one-pass prefill)
+    python benchmarks/inplace_ttt.py --tokens-out T.json     # keep the greedy tokens (to compare with other code)
     python benchmarks/inplace_ttt.py --rule hebbian --rule-config '{"target": "output"}' --layers 6
 
 The model is a random-init Qwen3 In-Place TTT checkpoint of the shape issue 22 measured (hidden 512, 8 layers,
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="plastic layers, e.g. 6 or 0,2,4,6 (default: TTT layers)")
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--segments", action="store_true", help="also the rule without the one-pass prefill")
+    parser.add_argument("--tokens-out", type=Path, help="write every variant's greedy tokens here (JSON)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = args.save_checkpoint or Path(tempfile.mkdtemp(prefix="inplace-ttt-"))
@@ -137,6 +139,8 @@ def main() -> None:
     line(f"1 / TTFT ({args.ttft_prompt}-token prompt; TTFT s: "
          + ", ".join(f"{n} {ttft[n]:.3f}" for n in names) + ")", t, ".2f")
     print("greedy tokens: " + ", ".join(f"{n} {tokens[n][:8]}..." for n in names) + f" (checkpoint: {folder})")
+    if args.tokens_out is not None:
+        args.tokens_out.write_text(json.dumps(tokens))
 
 
 if __name__ == "__main__":
