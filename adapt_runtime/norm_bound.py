@@ -26,9 +26,11 @@ def bound_norms(s: FastWeights, bound: float | None, w0_norm: dict[int, float]) 
     for layer, norm in zip(layers, norms):
         limit = bound * w0_norm[layer]
         if norm > limit:
+            s.before_change(s.S[layer])
             s.S[layer].mul_(limit / norm)
             slow = s.extra.get("slow", {}).get(layer)  # two time scales: the slow part is part of S
             if slow is not None:
+                s.before_change(slow)
                 slow.mul_(limit / norm)
             changed = True
     if changed:

@@ -6,7 +6,8 @@ a decode step over rows already resident copies no fast weights. A state's S sta
 everything else (save, clone, fork, ``delta_norms``); one that was replaced (a load, a reset, the first write of a
 layer) is copied into the slot on the next bind. A slot is freed when its state is garbage-collected or evicted
 (``evict``: the state gets a detached copy of its rows, bit for bit). A layer that a bound row has never written
-reads zeros from its slot.
+reads zeros from its slot. A row is changed in place only after ``FastWeights.before_change`` (an open turn's
+checkpoint keeps the committed rows it holds a view of, ``adapt_runtime.checkpoint``).
 
 A low-rank runtime (``state_rank=r``) binds with ``bind_factors``: each layer has two slabs, ``B [N, d, r]`` and
 ``A [N, r, f]``, and a row's factors (rank ``k <= r``) are copied into its slot, zero-padded to ``r``, whenever they
@@ -50,6 +51,10 @@ class SlotPool:
     @property
     def capacity(self) -> int:
         return len(self._owner)
+
+    def bound(self) -> int:
+        """How many slots are held by live states."""
+        return sum(1 for k in range(self.capacity) if not self._is_free(k))
 
     def slot_of(self, state: FastWeights) -> int | None:
         """The slot ``state`` is bound to, or None."""
@@ -104,6 +109,7 @@ class SlotPool:
         if k is None:
             return
         for layer, view in self._views[k].items():
+            state.before_change(view)  # the slot goes to another state: a checkpoint keeps its own copy
             if state.S.get(layer) is view:
                 state.S[layer] = view.clone()
         self._free(k)
@@ -238,6 +244,8 @@ class SlotPool:
         current, view = s.S[layer], self._views[k].get(layer)
         if current is not None and current is view:
             return  # resident: its writes went in place
+        if view is not None:
+            s.before_change(view)  # the row changes under a view an open turn's checkpoint may hold
         if current is None:
             if layer not in self._zero[k]:
                 slab[k].zero_()

@@ -6,11 +6,15 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from adapt_runtime.pending import PendingChunk
+
+if TYPE_CHECKING:
+    from adapt_runtime.checkpoint import Checkpoint
 
 _VERSIONS = itertools.count(1)
 # Resident bytes of one stream position held in a Python list (``tokens``, ``pending.positions``): the list's
@@ -78,6 +82,13 @@ class FastWeights:
         self.kv_tokens = 0
         self.factors: dict[int, tuple[Tensor, Tensor]] = {}  # state_rank runtimes: S = B @ A per layer
         self.extra: dict[str, dict[int, Tensor]] = {}  # the rule's step state besides S (rules.steps: momentum, slow)
+        self.checkpoint: Checkpoint | None = None  # an open turn's committed point (``adapt_runtime.checkpoint``)
+
+    def before_change(self, tensor: Tensor) -> None:
+        """``tensor`` (S of a layer, a rule's extra tensor, or a slot row that one of them views) is about to be
+        changed in place: an open checkpoint that holds it keeps a copy first (copy-on-first-write)."""
+        if self.checkpoint is not None:
+            self.checkpoint.protect(tensor)
 
     def bump(self) -> None:
         """Mark S as changed (a process-wide counter, so a (state, version) pair is never reused)."""

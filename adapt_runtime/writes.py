@@ -118,6 +118,7 @@ def step_with_extras(s: FastWeights, S: Tensor, w: Write, steps: Steps, decay: f
     keep = decay if steps.fast_decay is None else decay * steps.fast_decay
     if steps.momentum:
         M = extra_tensor(s, "momentum", w.layer, S)
+        s.before_change(M)
         kernels.write(M[None], slot, w.V[None], w.X[None], w.beta[None], steps.momentum, None)  # M <- mu M + U
         scale = 1.0
         if max_norm is not None:
@@ -128,6 +129,7 @@ def step_with_extras(s: FastWeights, S: Tensor, w: Write, steps: Steps, decay: f
         kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], keep, max_norm)
     if steps.fast_decay is not None:
         L = extra_tensor(s, "slow", w.layer, S)
+        s.before_change(L)
         S.add_(L, alpha=decay * (1.0 - steps.fast_decay))  # S' = decay (L + g (S - L)) + step
         L.mul_((1.0 - steps.consolidate) * decay).add_(S, alpha=steps.consolidate)  # L' = decay L + c (S' - decay L)
 
@@ -156,6 +158,7 @@ def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float 
         S = s.delta(w.layer, create=True)
         if S.is_inference() and not torch.is_inference_mode_enabled() and not S._is_view():
             S = s.S[w.layer] = S.clone()  # made under inference_mode, written outside it (a slot's view stays put)
+        s.before_change(S)  # an open turn keeps its committed S (copy-on-first-write)
         if steps is not None and steps.extras:
             step_with_extras(s, S, w, steps, decay if w.decay is None else w.decay, max_norm)
             continue
