@@ -98,7 +98,9 @@ class Engine:
         return frozenset(base | set(extra or ()))
 
     async def run(self, job: Job) -> AsyncGenerator[Event, None]:
-        """Submit ``job`` and yield its events up to ``Done`` or ``Failed``; leaving early cancels it."""
+        """Submit ``job`` and yield its events up to ``Done`` or ``Failed``; leaving early cancels it. Either way
+        the run ends only once the model thread holds the job no more, so its states are the caller's alone again
+        (a turn rolls them back in place)."""
         inbox: asyncio.Queue[Event] = asyncio.Queue()
         job.emit = inbox.put_nowait
         self._runs += 1
@@ -112,8 +114,10 @@ class Engine:
                 if isinstance(event, Done | Failed):
                     return
         finally:
-            self._runs -= 1
             job.cancelled.set()
+            while not job.released.is_set() and self.scheduler.alive:
+                await asyncio.sleep(POLL_S)
+            self._runs -= 1
 
     def _post(self, batch: list[tuple[Job, Event]]) -> None:
         """From the model thread: queue a step's events for the poller (no syscall, no GIL hand-over)."""

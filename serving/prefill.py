@@ -78,6 +78,10 @@ class PromptReader:
         """Jobs still reading."""
         return len(self._queue)
 
+    def jobs(self) -> set[int]:
+        """The ids of the jobs still reading."""
+        return {id(reading.job) for reading in self._queue}
+
     def add(self, job: Job) -> None:
         self._queue.append(_Reading(job))
 

@@ -3,9 +3,9 @@
 The document is read as ``rt.read`` reads it (``adapt_runtime.read``): windows no longer than the context, the
 KV dropped before each, S learning throughout. Each window is one job of the model thread (a prompt read with
 its scores and no answer), so other sessions keep decoding between windows and the event loop never waits on
-the model. The read is a turn: it holds the session (409 while another turn runs), works on a copy of its state,
-commits when the last window is read, and rolls back on an error or a client that goes away. ``"stream": true``
-sends one ``session.read.progress`` event per window, then the result, then ``[DONE]``.
+the model. The read is a turn: it holds the session (409 while another turn runs), works on its state in place
+(``serving.turn``), commits when the last window is read, and rolls back on an error or a client that goes
+away. ``"stream": true`` sends one ``session.read.progress`` event per window, then the result, then ``[DONE]``.
 
 The same reading serves long prompts in a session (``"long_prompt": true`` on completions and chat): the part
 that does not fit is read first, and the answer is generated from the last window (``split_long_prompt``).
@@ -13,6 +13,7 @@ that does not fit is read first, and the answer is generated from the last windo
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -75,11 +76,12 @@ class DocumentRead:
             job = Job([Prompt(state, piece, piece, echo=True)], 1, _SCORE_ONLY, True, frozenset(),
                       emit=lambda _: None)
             scores = None
-            async for event in self.ctx.engine.run(job):
-                if isinstance(event, PromptScored):
-                    scores = event.logprobs
-                elif isinstance(event, Failed):
-                    raise as_api_error(event.error)
+            async with contextlib.aclosing(self.ctx.engine.run(job)) as events:  # closed: the job let go of state
+                async for event in events:
+                    if isinstance(event, PromptScored):
+                        scores = event.logprobs
+                    elif isinstance(event, Failed):
+                        raise as_api_error(event.error)
             self.ctx.metrics.prompt_tokens.inc(len(piece))
             self.nll.append(mean_or_nan([-s[0] for s in (scores or [])[1:] if s is not None]))
             yield {"object": "session.read.progress", "window": k + 1, "windows": len(self.spans),

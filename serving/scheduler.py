@@ -66,6 +66,9 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     states: list[Any] = field(default_factory=list)
     live: int = 0
+    # set by the model thread once it holds the job no more (read, decoded, failed or dropped as cancelled): from
+    # then on nothing but the request touches the job's states, so a turn may roll them back in place
+    released: threading.Event = field(default_factory=threading.Event)
 
 
 class Scheduler:
@@ -85,6 +88,7 @@ class Scheduler:
         self.on_step = on_step
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._rows: list[Row] = []
+        self._held: list[Job] = []  # jobs taken from the inbox and not yet released
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="adapt-serve-model", daemon=True)
         self._thread.start()
@@ -116,6 +120,7 @@ class Scheduler:
             except queue.Empty:
                 job = None
             while job is not None:
+                self._held.append(job)
                 if not job.cancelled.is_set():
                     self._reader.add(job)
                 try:
@@ -134,6 +139,17 @@ class Scheduler:
                     for failed in {id(row.job): row.job for row in self._rows}.values():
                         self._fail(failed, exc)
                 self._flush()
+            self._release()
+
+    def _release(self) -> None:
+        """Tell every held job that is neither reading nor decoding any more that its states are free."""
+        if not self._held:
+            return
+        busy = {id(row.job) for row in self._rows} | self._reader.jobs()
+        for job in self._held:
+            if id(job) not in busy:
+                job.released.set()
+        self._held = [job for job in self._held if id(job) in busy]
 
     def _emit(self, job: Job, event: Event) -> None:
         self._outbox.append((job, event))

@@ -3,7 +3,8 @@
 Sessions live in one namespace per principal (API-key hash): the store is keyed by (principal, id), so a
 client-chosen id such as ``alice`` never collides across keys, and another principal asking for an id gets 404
 exactly as for an id that does not exist. One turn at a time: ``acquire`` marks the session busy (409
-otherwise) and makes it resident; ``commit`` swaps in the turn's new state; ``release`` ends the turn. The
+otherwise) and makes it resident; ``commit`` keeps the turn's state (the session's own, changed in place);
+``release`` ends the turn. The
 least recently used idle sessions are written to disk (the runtime's state file) when resident bytes exceed
 the budget, and read back on their next use. With ``persistent`` on (an explicit ``--session-dir``), every
 create and commit is written through, so a restart finds every session. Sessions idle for longer than the TTL
@@ -67,7 +68,9 @@ class Session:
             "resident": state is not None,
             "busy": self.busy,
         }
-        stats = state_stats(state) if state is not None else self.record.stats
+        # a state in a turn is described as committed (its checkpoint), as the turn may still roll back
+        committed = None if state is None else getattr(state, "checkpoint", None) or state
+        stats = state_stats(committed) if committed is not None else self.record.stats
         body.update(stats or dict.fromkeys(STAT_FIELDS))
         return body
 
@@ -178,7 +181,8 @@ class SessionStore:
         return sorted(mine, key=lambda s: s.record.created_at)
 
     async def acquire(self, session: Session) -> FastWeights:
-        """Start a turn: busy (409 if already), resident; returns the committed state (do not mutate it)."""
+        """Start a turn: busy (409 if already), resident; returns the committed state (a turn changes it in place
+        under a checkpoint, ``serving.turn``)."""
         if session.busy:
             self._on_event("busy")
             raise Conflict(f"session {session.id} is in another turn; retry when it finishes",
@@ -260,9 +264,10 @@ class SessionStore:
         return dropped
 
     async def flush(self) -> None:
-        """Write every resident session to disk (on shutdown when persistent)."""
+        """Write every resident session to disk (on shutdown when persistent). A session in a turn is left as its
+        last commit wrote it (the turn changes its state in place and may still roll back)."""
         for session in list(self._sessions.values()):
-            if session.state is not None and not session.deleted:
+            if session.state is not None and not session.deleted and not session.busy:
                 async with self._io(session):
                     if not session.deleted:
                         session.record = await asyncio.to_thread(self.files.write, session.record, session.state)

@@ -1,8 +1,13 @@
 """Turn: one inference request's hold on its session, or on a throwaway state when it names none.
 
-A turn works on a clone of the session's committed state. ``finish`` commits the clone (unless the request
-said ``"adapt": false``) and ends the turn; ``close`` ends it without committing, which is the rollback for
-errors and disconnects. The committed state is never touched while the turn runs.
+A turn works on the session's own state, in place: opening it takes a ``Checkpoint`` of the committed point
+(``adapt_runtime.checkpoint``: no tensor copied; S and the rule's extra tensors are copied on their first write,
+the KV cache is only ever appended to). ``finish`` commits the state (unless the request said ``"adapt": false``)
+and ends the turn; ``close`` ends it without committing, which is the rollback for errors, disconnects, refused
+commits and ``"adapt": false``: the checkpoint puts S, the KV cache, the tokens, the pending chunk, the counters
+and the last logits back bit for bit. So an active session holds one state and one slot, and a turn copies
+neither its S nor its KV to start. The model thread has let go of the state before ``close`` runs: every caller
+closes the engine's event stream first, and ``Engine.run`` returns only once the scheduler holds the job no more.
 
 An unknown session id (with ``--auto-create-sessions``) is created only for a request that will run and write:
 ``start_turn`` plans the request on a fresh state first and creates the session after the plan was accepted, so
@@ -19,6 +24,8 @@ from adapt_runtime.serving.context import ServerContext, principal_of
 from adapt_runtime.serving.failures import InvalidRequest, NotFound
 from adapt_runtime.serving.sessions import Session, check_session_id
 from fastapi import Request
+
+from adapt_runtime.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
     from adapt_runtime.state import FastWeights
@@ -49,6 +56,8 @@ class Turn:
         self.committed = False
         self.unknown = unknown
         self._open = session is not None
+        # the committed point of a session's own state (None: a fresh state nothing else holds)
+        self.checkpoint = Checkpoint(state) if session is not None else None
 
     @property
     def session_id(self) -> str | None:
@@ -72,6 +81,8 @@ class Turn:
         if self.session is not None and self.adapt and self._open:
             await self.ctx.store.commit(self.session, final_state)
             self.committed = True
+            if self.checkpoint is not None:
+                self.checkpoint.release()
             self.ctx.metrics.commits.labels(outcome="commit").inc()
         await self.close()
 
@@ -79,6 +90,8 @@ class Turn:
         """Free the session; without a prior ``finish`` nothing of this turn is kept."""
         if self._open and self.session is not None:
             self._open = False
+            if not self.committed and self.checkpoint is not None:
+                self.checkpoint.restore()
             if not self.committed and self.adapt:
                 self.ctx.metrics.commits.labels(outcome="rollback").inc()
             self.ctx.store.release(self.session)
@@ -105,11 +118,10 @@ async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, a
         return Turn(ctx, None, ctx.engine.rt.new_state(), adapt, unknown=(owner, sid))  # created by ``claim``
     committed = await ctx.store.acquire(session)
     try:
-        working = committed.clone()
+        return Turn(ctx, session, committed, adapt)
     except BaseException:
         ctx.store.release(session)
         raise
-    return Turn(ctx, session, working, adapt)
 
 
 async def start_turn(ctx: ServerContext, request: Request, body_id: str | None, adapt: bool,

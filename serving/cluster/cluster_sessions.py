@@ -127,7 +127,8 @@ class ClusterSessionStore:
         return session
 
     async def acquire(self, session: Session) -> FastWeights:
-        """Take the session's lease and return its committed state (do not mutate it)."""
+        """Take the session's lease and return its committed state (a turn changes it in place under a checkpoint
+        and puts it back when it does not commit, so the cache holds committed states only)."""
         session = _own(session)
         try:
             lease = self.leases.acquire(session.key)
@@ -142,7 +143,8 @@ class ClusterSessionStore:
             head = self.states.head(session.key)
             version = 0 if head is None else head.version
             cached = self._cache.get(session.key)
-            if cached is not None and cached[0] == version:
+            # a cached state that a turn still changes (its lease lapsed mid-turn) is not the head's: read the blob
+            if cached is not None and cached[0] == version and getattr(cached[1], "checkpoint", None) is None:
                 state = cached[1]
                 self._cache.move_to_end(session.key)
                 self._on_event("cache_hit")
