@@ -3,6 +3,7 @@
     python benchmarks/scale.py --shape 1024        # hidden 1024, intermediate 4096, 8 layers, vocab 32000
     python benchmarks/scale.py --shape 1b          # Llama-3.2-1B widths (2048 / 8192, vocab 128256), 4 layers
     python benchmarks/scale.py --quick             # a tiny shape, every rule and state kind, in seconds
+    python benchmarks/scale.py --shape 1b --turns  # per-turn overhead and memory per active session (serving)
     python benchmarks/scale.py --shape 1024 --vllm-python VENV/bin/python   # + vLLM on the same static workload
 
 A random-init Llama of the shape (``--hidden/--intermediate/--layers/--vocab`` override it; ``--shape 1b`` keeps as
@@ -208,6 +209,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--bandwidth-mib", type=int, default=512, help="tensor size for the bandwidth probe")
     parser.add_argument("--vllm-python", help="python of a venv with vLLM's CPU build: run vLLM on the same workload")
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for vLLM (GiB)")
+    parser.add_argument("--turns", action="store_true",
+                        help="per-turn overhead of session turns and memory per active session instead "
+                             "(scale_turns.py: the first of --rules, B = the largest of --sessions)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
@@ -225,6 +229,15 @@ def main() -> None:
     shape: Shape = args.shape_spec
     torch.set_num_threads(args.threads)
     model = build(shape)
+    if args.turns:
+        from scale_turns import turn_overhead
+
+        rt = ar.patch(model, rule=args.rules.split(",")[0], chunk_size=args.chunk, layers=args.plastic_layers)
+        sessions = max(int(x) for x in args.sessions.split(",") if x)
+        print(f"threads={torch.get_num_threads()}; shape {args.shape}; rule {rt.config.rule}, plastic layers "
+              f"{list(rt.config.layers)}, chunk {args.chunk}; prompt {args.prompt}")
+        print("\n".join(turn_overhead(rt, sessions, args.prompt, args.decode, args.repeats, shape.vocab)))
+        return
     bw = bandwidth(args.bandwidth_mib)
     todo = variants(args)
     counts = [int(x) for x in args.sessions.split(",") if x]
