@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from adapt_runtime.train.config import FORMS, MODULATIONS, TARGETS
+from adapt_runtime.train.config import FORMS, MODULATIONS, NORMS, TARGETS
 
 HELP = """Train a model with its fast weights in the loop, and learn the plasticity rule.
 
@@ -81,6 +81,13 @@ Example (2-layer Llama from scratch, hebbian rule with a learned gate, on TinySt
 )
 @click.option("--alpha", is_flag=True, help="Learn per-connection coefficients alpha [d, f] per layer.")
 @click.option("--eta-max", default=0.2, show_default=True, help="Ceiling of the learned gate.")
+@click.option(
+    "--norm",
+    type=click.Choice(NORMS),
+    default="key",
+    show_default=True,
+    help="The rate's divisor: key (n mean ||x||^2 of the chunk) or delta (Chaudhary's min(1, 1/||Delta_t||)).",
+)
 @click.option("--chunk-size", default=32, show_default=True, help="Tokens per chunk (write every chunk).")
 @click.option("--layers", default="all", show_default=True, help="Plastic layers: all, last:N, every:K or indices.")
 @click.option("--init-rate", default=1.0, show_default=True, help="Initial per-layer rate.")

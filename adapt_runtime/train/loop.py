@@ -53,6 +53,7 @@ class TrainConfig:
     modulation: str = "none"
     alpha: bool = False
     eta_max: float = 0.2
+    norm: str = "key"
     chunk_size: int = 32
     layers: str = "all"
     init_rate: float = 1.0
@@ -172,6 +173,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: Ca
             modulation=cfg.modulation,
             alpha=cfg.alpha,
             eta_max=cfg.eta_max,
+            norm=cfg.norm,
             chunk_size=cfg.chunk_size,
             layers=select_layers(cfg.layers, n_layers),
             init_rate=cfg.init_rate,

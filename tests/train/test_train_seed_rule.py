@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_testing import stream, tiny_llama
+from train_testing import runtime_read, stream, tiny_llama
 
+import adapt_runtime as ar
 from adapt_runtime.rules.learned import LearnedRule
 from adapt_runtime.train import PlasticityConfig, PlasticLM, RuleParams
 from adapt_runtime.train.forward import down_shapes
@@ -71,6 +72,15 @@ def test_key_norm_is_unchanged_by_default():
         PlasticityConfig(inner="mse")
 
 
+def loud(model: torch.nn.Module) -> torch.nn.Module:
+    """GPT-style 0.02 weights make the MLP's outputs, and so post x pre writes, tiny: scale the matrices up."""
+    with torch.no_grad():
+        for p in list(model.model.layers.parameters()) + [model.lm_head.weight]:
+            if p.dim() == 2:
+                p.mul_(10.0)
+    return model
+
+
 def embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model.get_input_embeddings()(ids)
 
@@ -101,11 +111,7 @@ def test_embeds_refused_when_the_rule_reads_labels():
 @pytest.mark.parametrize("form", ["hebbian", "gradient"])
 def test_gradient_through_per_token_writes_matches_finite_differences(form):
     """Loss on the last positions; every rule parameter (P of the internal loss included) reaches it through S."""
-    model = tiny_llama(dtype=torch.float64)
-    with torch.no_grad():  # GPT-style 0.02 weights make the MLP's outputs, and so the writes, tiny
-        for p in list(model.model.layers.parameters()) + [model.lm_head.weight]:
-            if p.dim() == 2:
-                p.mul_(10.0)
+    model = loud(tiny_llama(dtype=torch.float64))
     config = seed_config(form, init_rate=2.0, eta_max=0.9)  # large writes, so that every parameter shows
     rule = perturbed(RuleParams(config, down_shapes(model, (0, 1)), vocab=61).double(), scale=0.1)
     if form == "gradient":
@@ -150,3 +156,61 @@ def test_internal_loss_params_round_trip_and_the_runtime_refuses_them(tmp_path):
         LearnedRule(params=loaded)
     with pytest.raises(ValueError, match="vocab"):
         RuleParams(config, down_shapes(model, (0, 1)))
+
+
+def test_runtime_serves_the_delta_norm_as_trained():
+    """A learned rule with Chaudhary's clip (hebbian post x pre, gate, norm delta): rt.forward == training forward."""
+    model = loud(tiny_llama())
+    config = seed_config(chunk=4, init_rate=1.5, eta_max=0.5, init_decay=0.9, learn_decay=True)
+    params = perturbed(RuleParams(config, down_shapes(model, (0, 1))))
+    ids = stream(16, rows=1)
+    with torch.no_grad():
+        out = PlasticLM(model, params)(ids, window=8)
+    rt = ar.patch(model, rule=LearnedRule(params=params))
+    logits, state = runtime_read(rt, ids[0], 8)
+    torch.testing.assert_close(logits, out.logits[0], atol=2e-5, rtol=1e-4)
+    for i in (0, 1):
+        assert out.S[i][0].abs().max() > 1e-4
+        torch.testing.assert_close(state.S[i], out.S[i][0], atol=2e-5, rtol=1e-4)
+    rt.unpatch()
+
+
+def test_cli_passes_the_norm(tmp_path):
+    from click.testing import CliRunner
+    from train_testing import write_text
+
+    from adapt_runtime.train.cli import main
+
+    write_text(tmp_path / "text.txt", words=300)
+    args = [
+        "--data",
+        str(tmp_path / "text.txt"),
+        "--out",
+        str(tmp_path / "run"),
+        "--n-layers",
+        "1",
+        "--hidden",
+        "16",
+        "--ffn",
+        "24",
+        "--chunk-size",
+        "8",
+        "--seq-len",
+        "32",
+        "--window",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--norm",
+        "delta",
+        "--modulation",
+        "gate",
+        "--target",
+        "output",
+        "--no-progress",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert PlasticityConfig.load(tmp_path / "run" / "step-000001").norm == "delta"
