@@ -50,7 +50,9 @@ def main() -> None:
 @main.command()
 @click.option("--model", default="llama", show_default=True, help="Model alias, HF id or local folder.")
 @click.option("--rules", default="none,hebbian,gradient", show_default=True,
-              help="Comma-separated rules; the first must be `none` (the baseline every delta pairs with).")
+              help="Comma-separated rules; the first must be `none` (the baseline every delta pairs with). A rule "
+              "with `@vllm` (e.g. hebbian@vllm) is scored as `adapt-serve --engine vllm` generates: each turn after "
+              "the first with S fixed as the turn began, then learned.")
 @click.option("--rule-config", help='JSON object (or a .json file) of extra ar.patch options per rule, '
               'e.g. \'{"hebbian": {"lr": 0.01}, "gradient": {"layers": "last:2"}}\'.')
 @click.option("--task", "tasks", help="Comma-separated tasks (see `adapt-eval tasks`); default: the preset's.")

@@ -11,6 +11,14 @@ from adapt_runtime.eval.tasks import TASKS
 
 HARNESS_VERSION = "1"
 BASELINE = "none"
+ENGINE_SUFFIX = "@vllm"  # "hebbian@vllm": the rule scored as `adapt-serve --engine vllm` generates (frozen turns)
+
+
+def split_rule(name: str) -> tuple[str, bool]:
+    """``"hebbian@vllm"`` -> ``("hebbian", True)``: the runtime's rule, and whether turns are scored frozen."""
+    if name.endswith(ENGINE_SUFFIX):
+        return name.removesuffix(ENGINE_SUFFIX), True
+    return name, False
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from adapt_runtime.eval.atomic import write_json
-from adapt_runtime.eval.config import BASELINE, ConfigError, RunConfig, config_hash
+from adapt_runtime.eval.config import BASELINE, ConfigError, RunConfig, config_hash, split_rule
 from adapt_runtime.eval.episode import Episode, data_hash
 from adapt_runtime.eval.scoring import score_episode
 from adapt_runtime.eval.tasks import TaskSpec, get_task
@@ -97,13 +97,17 @@ def make_episodes(config: RunConfig, tokenizer: Any, max_length: int,
 def run_rule(rt: Any, rule: str, episodes: dict[str, list[Episode]], attn_window: int | None,
              progress: bool = True) -> Iterator[dict[str, Any]]:
     """Score every episode under one patched runtime; yields one sample row per episode."""
-    adapt = rule != BASELINE
+    base, frozen = split_rule(rule)
+    adapt = base != BASELINE
     for name, eps in episodes.items():
         task = get_task(name)
+        if frozen and hasattr(task, "score"):
+            raise ConfigError(f"{rule}: task {name} scores its own way; frozen turns take teacher-forced tasks")
         for ep in tqdm(eps, desc=f"{rule:>10s} {name}", disable=not progress, leave=False):
             t0 = time.perf_counter()
             scorer = getattr(task, "score", score_episode)  # a task may score its own way (long-memory reads)
-            score = scorer(rt, rt.new_state(), ep, adapt=adapt, window=attn_window)
+            extra = {"frozen_turns": True} if frozen else {}
+            score = scorer(rt, rt.new_state(), ep, adapt=adapt, window=attn_window, **extra)
             m = task.measure(ep, score)
             yield clean({
                 "rule": rule, "task": ep.task, "variant": ep.variant, "shots": ep.shots, "ctx_len": ep.ctx_len,
@@ -153,7 +157,7 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, progress: bool = 
             model, tokenizer = ar.load_model(config.model)
             if not episodes:
                 fingerprint = model_fingerprint(model)
-            rt = ar.patch(model, rule=rule, **config.patch_kwargs(rule))
+            rt = ar.patch(model, rule=split_rule(rule)[0], **config.patch_kwargs(rule))
             if not episodes:
                 episodes = make_episodes(config, tokenizer, rt.max_length, log)
                 log(f"{sum(map(len, episodes.values()))} episodes over {len(episodes)} task(s); "

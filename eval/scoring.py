@@ -66,8 +66,15 @@ def _score_candidates(rt: Any, state: Any, last: torch.Tensor, cands: tuple[tupl
     return scores
 
 
-def score_episode(rt: Any, state: Any, ep: Episode, adapt: bool, window: int | None = None) -> EpisodeScore:
-    """Score `ep` on a fresh `state`. adapt=False applies S but never writes (the `none` baseline)."""
+def score_episode(rt: Any, state: Any, ep: Episode, adapt: bool, window: int | None = None,
+                  frozen_turns: bool = False) -> EpisodeScore:
+    """Score `ep` on a fresh `state`. adapt=False applies S but never writes (the `none` baseline).
+
+    `frozen_turns` scores as `adapt-serve --engine vllm` generates: every turn after the first (each break starts
+    one) is scored with S fixed as the turn began (a fork fed without writes), while the state itself reads the
+    turn with writes, as the engine's learning pass after a completion does."""
+    if frozen_turns and adapt:
+        return _score_frozen_turns(rt, state, ep, window)
     tokens = list(ep.tokens)
     n = len(tokens)
     nll = np.full(n, np.nan)
@@ -101,3 +108,28 @@ def score_episode(rt: Any, state: Any, ep: Episode, adapt: bool, window: int | N
         last = logits[-1]
     queries = [query_scores.get(q.start, QueryScore([], None)) for q in ep.queries]
     return EpisodeScore(nll, top1, queries)
+
+
+def _score_frozen_turns(rt: Any, state: Any, ep: Episode, window: int | None) -> EpisodeScore:
+    """``score_episode`` with every turn after the first scored on a fork of the state as the turn began."""
+    if any(len(q.candidates) > 1 for q in ep.queries):
+        raise ValueError(f"{ep.task}: frozen turns score teacher-forced text only (no multiple-choice queries)")
+    tokens = list(ep.tokens)
+    n = len(tokens)
+    nll = np.full(n, np.nan)
+    top1 = np.zeros(n, dtype=bool)
+    cuts = sorted({0, n, *ep.breaks})
+    for a, b in zip(cuts, cuts[1:]):
+        if a in ep.breaks:
+            state.drop_kv()
+        scorer = state.clone() if a > 0 else state  # the first turn is a prompt: read and scored with writes
+        logits = _feed(rt, scorer, tokens[a:b], a == 0, window)
+        if a > 0:
+            _feed(rt, state, tokens[a:b], True, window)  # the learning pass over the turn
+        m = b - a - 1
+        if m > 0:
+            tgt = torch.tensor(tokens[a + 1 : b])
+            rows = torch.log_softmax(logits, -1)[:m]
+            nll[a + 1 : b] = (-rows[torch.arange(m), tgt]).double().numpy()
+            top1[a + 1 : b] = (rows.argmax(-1) == tgt).numpy()
+    return EpisodeScore(nll, top1, [QueryScore([], None) for _ in ep.queries])

@@ -42,6 +42,7 @@ from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
 from adapt_runtime.serving.detokenize import TextStream
 from adapt_runtime.serving.engine import Engine
 from adapt_runtime.serving.events import Done, Event, Failed, Finished, PromptScored, Token, TopLogprobs
+from adapt_runtime.serving.failures import Unavailable
 from adapt_runtime.serving.prefill import Prompt
 from adapt_runtime.serving.sampling import safe_settings
 from adapt_runtime.serving.scheduler import Job
@@ -195,18 +196,22 @@ class VllmEngine(Engine):
         super().__init__(runtime, tokenizer, max_model_len, on_step, prefill_chunk)
         rank = runtime.state_spec.state_rank
         dtype = str(runtime.model.dtype).removeprefix("torch.")
+        self._vllm_args = (model_dir, self.max_len, dtype, None if rank is None else lora_rank_for(rank), max_loras,
+                           max_num_seqs, options or {})
         try:
-            self.llm = start_vllm(model_dir, self.max_len, dtype, None if rank is None else lora_rank_for(rank),
-                                  max_loras, max_num_seqs, options or {})
+            self.llm = start_vllm(*self._vllm_args)
         except BaseException:
             super().close()
             raise
         self._watchdog = watch_children()
+        self._restart: asyncio.Task[None] | None = None
+        self.restarts = 0
         self.adapters = Adapters(runtime)
 
     @property
     def alive(self) -> bool:
-        return super().alive and not self.llm.errored
+        """The model thread runs and vLLM serves or is being restarted (a restart answers 503 per request)."""
+        return super().alive
 
     def close(self) -> None:
         super().close()
@@ -214,6 +219,39 @@ class VllmEngine(Engine):
         self.adapters.close()
         if self._watchdog is not None:
             self._watchdog.terminate()
+
+    def _recover(self) -> None:
+        """Start restarting vLLM if it died (once)."""
+        if self.llm.errored and (self._restart is None or self._restart.done()):
+            log.error("the vLLM engine died; restarting it (sessions live in the runtime's store, none is lost)")
+            self._restart = asyncio.get_running_loop().create_task(self._relaunch())
+
+    def _ready(self) -> None:
+        """``Unavailable`` (503, retry) while vLLM restarts, the restart begun if vLLM died since."""
+        self._recover()
+        if self._restart is not None and not self._restart.done():
+            raise Unavailable("the vLLM engine is restarting after a failure; retry shortly", "engine_restarting",
+                              retry_after=30)
+
+    async def _relaunch(self) -> None:
+        """A new ``AsyncLLM`` in place of a dead one (the same settings), off the event loop."""
+        old, watchdog = self.llm, self._watchdog
+        try:
+            old.shutdown()
+        except Exception as exc:  # noqa: BLE001 - a dead engine may not shut down cleanly; its processes go below
+            log.warning("shutting the dead vLLM engine down: %r", exc)
+        if watchdog is not None:
+            watchdog.terminate()
+        while True:
+            try:
+                self.llm = await asyncio.to_thread(start_vllm, *self._vllm_args)
+                break
+            except VllmSetupError as exc:
+                log.error("restarting vLLM failed (%s); trying again in 10 s", exc)
+                await asyncio.sleep(10)
+        self._watchdog = watch_children()
+        self.restarts += 1
+        log.warning("the vLLM engine is back (restart %d)", self.restarts)
 
     async def run(self, job: Job) -> AsyncGenerator[Event, None]:
         """Learn the prompts, generate each row with vLLM, learn the completions, then ``Done``."""
@@ -269,6 +307,7 @@ class VllmEngine(Engine):
         inbox: asyncio.Queue[Event | None] = asyncio.Queue()
         adapters: dict[int, Adapter | None] = {}
         try:
+            self._ready()
             for p, prompt in enumerate(job.prompts):
                 adapters[p] = await asyncio.to_thread(self.adapters.make, prompt.state)
         except Exception as exc:  # noqa: BLE001 - this request fails alone
@@ -339,6 +378,10 @@ class VllmEngine(Engine):
             raise
         except Exception as exc:  # noqa: BLE001 - the row's job fails, the server goes on
             log.warning("vLLM generation failed: %r", exc)
+            if self.llm.errored:  # the engine itself died: this request may retry once it is restarted
+                exc = Unavailable("the vLLM engine failed during this request and is restarting; retry shortly",
+                                  "engine_restarting", retry_after=30)
+                self._recover()
             inbox.put_nowait(Failed(exc))
         finally:
             inbox.put_nowait(None)

@@ -127,3 +127,52 @@ def test_none_vs_none_deltas_are_exactly_zero():
     again = [r for r in rows + curves if r["rule"] == "none-again"]
     assert again and all(r["delta_vs_none"]["value"] == 0.0 for r in again)
     assert all(r["delta_vs_none"]["ci95"] in (None, [0.0, 0.0]) for r in again)
+
+
+def two_turn_episode(tok, n1=80, n2=64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    first = [tok.bos_token_id] + torch.randint(3, 512, (n1 - 1,), generator=g).tolist()
+    second = [tok.bos_token_id] + torch.randint(3, 512, (n2 - 1,), generator=g).tolist()
+    return Episode("t", "v", None, n1, 0, 0, tuple(first + second), breaks=(n1,))
+
+
+@pytest.mark.parametrize("rule", ["hebbian", "gradient"])
+def test_frozen_turns_score_later_turns_with_the_memory_fixed_and_still_learn_them(rule):
+    """As ``adapt-serve --engine vllm``: turn 1 is read as usual, turn 2 is scored with S as it began (a fresh KV
+    and ``adapt=False`` from that state), and the state still learns turn 2."""
+    rt, tok = runtime(rule)
+    ep = two_turn_episode(tok)
+    n1 = ep.breaks[0]
+    native, state = score_episode(rt, rt.new_state(), ep, adapt=True), rt.new_state()
+    frozen = score_episode(rt, state, ep, adapt=True, frozen_turns=True)
+    np.testing.assert_allclose(frozen.nll[:n1], native.nll[:n1], rtol=1e-6, atol=1e-6, equal_nan=True)
+    after_first = rt.new_state()
+    rt.forward(list(ep.tokens[:n1]), after_first)
+    after_first.drop_kv()
+    logp = torch.log_softmax(rt.forward(list(ep.tokens[n1:]), after_first.clone(), adapt=False)[0].float(), -1)
+    want = -logp[torch.arange(len(ep.tokens) - n1 - 1), torch.tensor(ep.tokens[n1 + 1:])].double().numpy()
+    np.testing.assert_allclose(frozen.nll[n1 + 1:], want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(frozen.nll[n1 + 1:], native.nll[n1 + 1:], rtol=1e-5, atol=1e-5)
+    learned = rt.new_state()
+    rt.forward(list(ep.tokens[:n1]), learned)
+    learned.drop_kv()
+    rt.forward(list(ep.tokens[n1:]), learned)
+    assert state.writes == learned.writes > 0 and state.tokens_seen == learned.tokens_seen
+    for layer, S in learned.S.items():
+        if S is not None:
+            torch.testing.assert_close(state.S[layer], S)
+
+
+def test_a_rule_at_vllm_runs_in_the_harness_and_pairs_with_the_baseline(tmp_path):
+    from adapt_runtime.eval.config import RunConfig
+    from adapt_runtime.eval.harness import run
+
+    config = RunConfig(model="llama", rules=("none", "hebbian", "hebbian@vllm"), tasks=("session-memory",),
+                       episodes=2, ctx_lens=(64,), preset="smoke")
+    run(config, tmp_path / "run", progress=False, log=lambda _: None)
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    nll = {(r["rule"], r["variant"], r["episode"]): r["metrics"]["nll"] for r in rows}
+    assert {k[0] for k in nll} == {"none", "hebbian", "hebbian@vllm"}
+    assert any(nll[("hebbian", v, e)] != nll[("hebbian@vllm", v, e)] for _, v, e in nll)

@@ -11,7 +11,8 @@ rank-16 states: the native engine and the vLLM engine. The checks:
   1e-3 nats in float32 on CPU, and greedily picks the same tokens;
 * isolation: 8 sessions taking turns at once each end where they end alone, and their concurrent adapter reads
   score as they do one at a time;
-* persistence: the vLLM engine's sessions survive a kill -9 of the server;
+* restarts: a vLLM engine that dies is restarted (requests meanwhile answer 503 with Retry-After) and every session
+  keeps its memory; the sessions also survive a kill -9 of the whole server;
 * refusal: ``--engine vllm`` with dense states exits at once with a one-line reason.
 """
 
@@ -21,6 +22,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -204,6 +206,35 @@ def test_a_stream_an_adapt_false_turn_and_a_stop_string(vllm_server, runtime) ->
     cut = complete(vllm_server, None, TEXTS[1], max_tokens=12, adapt=False, stop=[stop])["choices"][0]
     assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.index(stop)]
     assert text
+
+
+def test_a_dead_vllm_engine_is_restarted_and_loses_no_session(vllm_server, runtime) -> None:
+    import psutil
+
+    rt, tokenizer = runtime
+    complete(vllm_server, "survivor", TEXTS[5], max_tokens=4)
+    before = state_of(vllm_server, "survivor", rt)
+    children = psutil.Process(vllm_server.proc.pid).children(recursive=True)
+    cores = [p for p in children if "EngineCore" in " ".join(p.cmdline())]
+    assert cores
+    for process in cores:
+        process.kill()
+    statuses, deadline = [], time.monotonic() + 600
+    while True:
+        response = httpx.post(f"{vllm_server.url}/v1/completions", headers={"X-Session-ID": "survivor"}, timeout=300,
+                              json={"prompt": TEXTS[6], "max_tokens": 3, "temperature": 0.0})
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "engine_restarting" and response.headers.get("retry-after")
+        assert time.monotonic() < deadline, statuses
+        time.sleep(2)
+    assert statuses[0] == 503  # the death was noticed, not served around
+    after = state_of(vllm_server, "survivor", rt)
+    turn = len(tokenizer(TEXTS[6]).input_ids) + 3 - 1  # the prompt and the completion but its last token
+    assert after.tokens_seen == before.tokens_seen + turn  # the session as it was, plus the turn served after
+    assert after.writes >= before.writes
 
 
 def test_sessions_survive_a_kill_of_the_server(vllm_server, runtime) -> None:
