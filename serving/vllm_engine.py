@@ -51,6 +51,10 @@ import adapt_runtime as ar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.logprobs import Logprob
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
 
     from adapt_runtime.runtime import Runtime
     from adapt_runtime.state import FastWeights
@@ -94,7 +98,7 @@ def _tmpfs() -> str | None:
 class Adapter:
     """One version of a session's memory as vLLM loads it."""
 
-    request: Any  # vllm.lora.request.LoRARequest
+    request: LoRARequest
     folder: Path
 
 
@@ -120,7 +124,7 @@ class Adapters:
         ar.export_lora(self.rt, state, folder)
         return Adapter(LoRARequest(f"session-memory-v{version}", version, str(folder)), folder)
 
-    async def drop(self, llm: Any, adapter: Adapter | None) -> None:
+    async def drop(self, llm: AsyncLLM, adapter: Adapter | None) -> None:
         if adapter is None:
             return
         try:
@@ -162,7 +166,7 @@ def watch_children() -> subprocess.Popen[bytes] | None:
 
 
 def start_vllm(model_dir: str, max_len: int, dtype: str, lora_rank: int | None, max_loras: int,
-               max_num_seqs: int, options: dict[str, Any]) -> Any:
+               max_num_seqs: int, options: dict[str, Any]) -> AsyncLLM:
     """An ``AsyncLLM`` for ``model_dir`` with LoRA enabled (its engine core runs in a process of its own)."""
     try:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -386,7 +390,8 @@ class VllmEngine(Engine):
         finally:
             inbox.put_nowait(None)
 
-    def _account(self, job: Job, index: int, token: int, position: int, logprobs: Any, text: TextStream,
+    def _account(self, job: Job, index: int, token: int, position: int,
+                 logprobs: list[dict[int, Logprob]] | None, text: TextStream,
                  prompt_len: int, inbox: asyncio.Queue[Event | None]) -> str | None:
         """As the native scheduler's ``_account``: emit ``token`` and say why the row ends (None: it goes on)."""
         k = job.params.logprobs
@@ -407,14 +412,14 @@ class VllmEngine(Engine):
         return reason
 
 
-def _top(entry: dict[int, Any], k: int) -> TopLogprobs:
+def _top(entry: dict[int, Logprob], k: int) -> TopLogprobs:
     """vLLM's logprob entry (the chosen token plus the top ``k``, each with its rank) as ``(id, logprob)`` pairs,
     best first."""
     ranked = sorted(((lp.rank, tok, lp.logprob) for tok, lp in entry.items() if lp.rank is not None and lp.rank <= k))
     return [(int(tok), float(value)) for _, tok, value in ranked[:k]]
 
 
-def _vllm_params(job: Job, row: int) -> Any:
+def _vllm_params(job: Job, row: int) -> VllmSamplingParams:
     """The job's sampling settings as vLLM's; stops are ours (ids through vLLM, strings in our text stream)."""
     from vllm import SamplingParams as VllmSampling
 
