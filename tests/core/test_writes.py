@@ -31,6 +31,8 @@ def runtime(rule: str) -> ar.Runtime:
 
 @pytest.mark.parametrize("rule", ["hebbian", "hebbian-output", "gradient", "inplace-ttt"])
 def test_every_rule_writes_only_through_kernels_write(rule, monkeypatch):
+    """Every write goes through ``kernels.write`` (or ``kernels.chunk_scan``, the one-pass prefill's apply and
+    writes of a span)."""
     rt = runtime(rule)
     calls = []
 
@@ -38,7 +40,13 @@ def test_every_rule_writes_only_through_kernels_write(rule, monkeypatch):
         calls.append((S.shape, V.shape, X.shape))
         return torch.zeros(slots.numel(), device=S.device)
 
+    def scan_no_op(y, x, S, slot, offsets, V, X, write_offsets, *args, **kw):  # the one-pass path's writes
+        writes = write_offsets.numel() - 1
+        calls.extend([(S.shape, V.shape, X.shape)] * writes)
+        return torch.zeros(writes, device=S.device)
+
     monkeypatch.setattr(kernels, "write", recording_no_op)
+    monkeypatch.setattr(kernels, "chunk_scan", scan_no_op)
     state = rt.new_state()
     rt.forward(tokens(13), state)  # chunks 0, 1, 2 complete and labelled
     assert state.writes == 3 and len(calls) == 3 * len(rt.config.layers)
