@@ -88,12 +88,16 @@ class PromptReader:
     def read(self) -> list[tuple[Job, list[torch.Tensor]]]:
         budget = self.chunk or math.inf
         done: list[tuple[Job, list[torch.Tensor]]] = []
+        batch: list[tuple[_Reading, int]] = []  # this round's pieces that read no scores: fed together below
         while self._queue and budget > 0:
             reading = self._queue.popleft()
             if reading.job.cancelled.is_set():  # the client left: none of its other pieces is read
                 continue
+            if any(r is reading for r, _ in batch):  # its piece of this round is not fed yet: next round
+                self._queue.appendleft(reading)
+                break
             try:
-                used = self._piece(reading, budget)
+                used = self._piece(reading, budget, batch)
             except Exception as exc:  # noqa: BLE001 - reported to the request, which rolls back
                 log.warning("reading a prompt failed: %r", exc)
                 self.fail(reading.job, exc)
@@ -106,10 +110,14 @@ class PromptReader:
                 done.append((reading.job, reading.read))
             else:
                 self._queue.append(reading)  # round-robin: the other jobs read their piece first
+        for reading in self._feed(batch):
+            self._queue.remove(reading)
+            done.append((reading.job, reading.read))
         return done
 
-    def _piece(self, reading: _Reading, budget: float) -> int | None:
-        """Feed the next piece of ``reading`` (at most ``budget`` tokens); the tokens fed, or None if none fit."""
+    def _piece(self, reading: _Reading, budget: float, batch: list[tuple[_Reading, int]]) -> int | None:
+        """Feed the next piece of ``reading`` (at most ``budget`` tokens), or add it to ``batch`` when it reads no
+        scores; the tokens it takes, or None if none fit."""
         job = reading.job
         prompt = job.prompts[reading.index]
         if not prompt.feed:
@@ -121,18 +129,62 @@ class PromptReader:
         size = self._size(prompt.state.tokens_seen, remaining, budget)
         if size == 0:
             return None
-        piece = prompt.feed[reading.offset : reading.offset + size]
         # the unembedding where it is read: every position for echo's scores, else the last one (a wrapped runtime
-        # whose forward takes no ``logits`` gets them all)
+        # whose forward takes no ``logits`` gets them all, one piece at a time)
         last = not prompt.echo and "logits" in inspect.signature(self.rt.forward).parameters
-        logits = self.rt.forward(piece, prompt.state, adapt=job.adapt, **({"logits": "last"} if last else {}))[0]
+        if last:
+            batch.append((reading, size))
+            return size
+        piece = prompt.feed[reading.offset : reading.offset + size]
+        logits = self.rt.forward(piece, prompt.state, adapt=job.adapt)[0]
         if prompt.echo:
             reading.scores.extend(_score(reading.last, logits, piece, job.params.logprobs or 0))
-        reading.last = logits[-1].float()
+        self._advance(reading, size, logits[-1])
+        return size
+
+    def _feed(self, batch: list[tuple[_Reading, int]]) -> list[_Reading]:
+        """Feed the batched pieces, those of one length and ``adapt`` in one ``rt.forward`` over their states (rows
+        of different sessions: the runtime keeps each row's S, KV and chunk boundaries apart); a call that raises
+        is retried piece by piece, so only a piece that fails alone fails its job. Returns the readings that read
+        their job's last prompt."""
+        groups: dict[tuple[int, bool], list[_Reading]] = {}
+        for reading, size in batch:
+            groups.setdefault((size, reading.job.adapt), []).append(reading)
+        finished: list[_Reading] = []
+        for (size, adapt), readings in groups.items():
+            live = [r for r in readings if not r.job.cancelled.is_set()]
+            if not live:
+                continue
+            try:
+                logits = self._forward(live, size, adapt)
+            except Exception as exc:  # noqa: BLE001 - isolate: one by one, a piece that fails alone fails its job
+                if len(live) == 1:
+                    log.warning("reading a prompt failed: %r", exc)
+                    self.fail(live[0].job, exc)
+                    continue
+                log.warning("a batched read of %d pieces failed (%r); reading them one by one", len(live), exc)
+                for reading in live:
+                    finished += self._feed([(reading, size)])
+                continue
+            for row, reading in enumerate(live):
+                self._advance(reading, size, logits[row, -1])
+                if reading.index == len(reading.job.prompts):
+                    finished.append(reading)
+        return finished
+
+    def _forward(self, readings: list[_Reading], size: int, adapt: bool) -> torch.Tensor:
+        pieces = [r.job.prompts[r.index].feed[r.offset : r.offset + size] for r in readings]
+        states = [r.job.prompts[r.index].state for r in readings]
+        ids = torch.tensor(pieces, dtype=torch.long)
+        return self.rt.forward(ids, states if len(states) > 1 else states[0], adapt=adapt, logits="last")
+
+    def _advance(self, reading: _Reading, size: int, last: torch.Tensor) -> None:
+        """``reading`` fed ``size`` more tokens, the last of them giving ``last``."""
+        prompt = reading.job.prompts[reading.index]
+        reading.last = last.float()
         reading.offset += size
         if reading.offset == len(prompt.feed):
             self._finish(reading, reading.last, reading.scores if prompt.echo else None)
-        return size
 
     def _size(self, seen: int, remaining: int, budget: float) -> int:
         """A piece of at most ``budget`` tokens; cut short, it ends on a multiple of the rule's chunk when one

@@ -224,3 +224,60 @@ def test_prefill_chunk_must_not_be_negative(loaded: tuple[Any, Any]) -> None:
     with pytest.raises(ValueError, match="prefill_chunk"):
         PromptReader(loaded[0], -5, lambda job, event: None, lambda job, exc: None)
     assert ServerConfig(prefill_chunk=0).prefill_chunk == 0
+
+
+class RecordingLast(Recording):
+    """A recording runtime whose ``forward`` takes ``logits``, so the reader batches the pieces that read no
+    scores."""
+
+    def forward(self, ids: Any, state: Any, adapt: bool = True, logits: str = "all") -> torch.Tensor:
+        states = state if isinstance(state, list) else [state]
+        width = len(ids) if isinstance(ids, list) else int(torch.as_tensor(ids).shape[-1])
+        self.calls.append((tuple(id(s) for s in states), width))
+        if self.hook is not None:
+            self.hook(states, width)
+        return self.rt.forward(ids, state, adapt=adapt, logits=logits)
+
+
+def _three_jobs(rt: Any) -> list[Job]:
+    """Three sessions reading 96-token prompts at once (one mid-chunk), 6 greedy tokens each."""
+    jobs = []
+    for seed in range(3):
+        state = rt.new_state()
+        if seed == 1:
+            rt.forward(_ids(5, 40), state)  # its chunk boundaries fall elsewhere than the others'
+        jobs.append(_job([Prompt(state, _ids(96, 10 + seed), _ids(96, 10 + seed))], 6))
+    return jobs
+
+
+def test_pieces_of_one_length_are_read_in_one_call_as_each_would_be_alone(loaded: tuple[Any, Any]) -> None:
+    rt, tokenizer = loaded
+    together, recording = _three_jobs(rt), RecordingLast(rt)
+    collector = _run(recording, tokenizer, 0, together)
+    batched = [ids for ids, width in recording.calls if width == 96]
+    assert batched == [tuple(id(job.prompts[0].state) for job in together)], recording.calls
+    for twin, job in zip(together, _three_jobs(rt), strict=True):  # the same jobs, each alone
+        alone = _run(RecordingLast(rt), tokenizer, 0, [job])
+        assert [e.token_id for e in alone.of(job, Token)] == [e.token_id for e in collector.of(twin, Token)]
+        for layer, S in job.states[0].S.items():
+            if S is not None:
+                torch.testing.assert_close(twin.states[0].S[layer], S, rtol=1e-5, atol=1e-6)
+        assert twin.states[0].writes == job.states[0].writes and twin.states[0].tokens == job.states[0].tokens
+
+
+def test_a_batched_read_that_fails_is_retried_alone_and_fails_only_its_job(loaded: tuple[Any, Any]) -> None:
+    rt, tokenizer = loaded
+    jobs = _three_jobs(rt)
+    broken = jobs[1].prompts[0].state
+
+    def fail_with_broken(states: list[Any], width: int) -> None:
+        if any(s is broken for s in states):
+            raise RuntimeError("broken row")
+
+    recording = RecordingLast(rt, fail_with_broken)
+    collector = _run(recording, tokenizer, 0, jobs)
+    assert len(collector.of(jobs[1], Failed)) == 1 and not collector.of(jobs[1], Token)
+    for job in (jobs[0], jobs[2]):
+        assert len(collector.of(job, Token)) == 6 and len(collector.of(job, Done)) == 1
+    reads = [(ids, width) for ids, width in recording.calls if width == 96]
+    assert len(reads[0][0]) == 3 and all(len(ids) == 1 for ids, _ in reads[1:])  # once together, then alone
