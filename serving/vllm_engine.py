@@ -427,7 +427,7 @@ def _vllm_params(job: Job, row: int) -> VllmSamplingParams:
     temperature, top_p = safe_settings(p.temperature, p.top_p)
     return VllmSampling(
         n=1, max_tokens=max(p.max_tokens, 1), temperature=temperature, top_p=top_p, top_k=max(p.top_k, 0),
-        seed=None if p.seed is None else p.seed + row, presence_penalty=p.presence_penalty,
+        seed=None if p.seed is None else (p.seed + row) % 2**63, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, stop_token_ids=sorted(job.stop_ids), ignore_eos=True,
         logprobs=p.logprobs, detokenize=False,
     )
