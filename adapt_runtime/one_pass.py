@@ -183,7 +183,7 @@ class OnePass:
         writes: list[list[Write]] = []
         if not reads_y and firing and not self.failed:  # targets do not read S: every chunk's writes at once
             writes = rule.write_layer([self._chunk(i, row, a, e, x, None, records) for a, e in firing])
-            scan = self._scan_writes(i, row, x, writes, start)
+            scan = self._scan_writes(i, row, x, writes)
             if scan is not None:
                 return self._scan(i, row, x, down, weight, scan)
         y = down.base(x)
@@ -209,8 +209,7 @@ class OnePass:
             fired += 1
         return y, (None if S is None else S[0]), fired
 
-    def _scan_writes(self, i: int, row: Row, x: Tensor, writes: list[list[Write]],
-                     start: Tensor | None) -> Scan | None:
+    def _scan_writes(self, i: int, row: Row, x: Tensor, writes: list[list[Write]]) -> Scan | None:
         """The packed chunk writes of a row for ``kernels.chunk_scan``, or None where the piece-by-piece path must
         take them: a chunk without exactly one write of this layer, step options, per-write decays that differ,
         the norm bound (it rescales S between chunks), a state not in float32 (the piece-by-piece path rounds it
