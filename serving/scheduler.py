@@ -89,6 +89,7 @@ class Scheduler:
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._rows: list[Row] = []
         self._held: list[Job] = []  # jobs taken from the inbox and not yet released
+        self._submitted: list[Job] = []  # jobs submitted and not yet seen released (the event loop's side)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="adapt-serve-model", daemon=True)
         self._thread.start()
@@ -105,7 +106,13 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         if self._closed:
             raise RuntimeError("scheduler is closed")
+        self._submitted = [j for j in self._submitted if not j.released.is_set()] + [job]
         self._inbox.put(job)
+
+    def holds(self, state: Any) -> bool:
+        """Whether a submitted job that the model thread has not released reads or writes ``state``."""
+        self._submitted = [j for j in self._submitted if not j.released.is_set()]
+        return self.alive and any(p.state is state for j in self._submitted for p in j.prompts)
 
     def close(self, timeout: float = 10.0) -> None:
         self._closed = True

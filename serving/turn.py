@@ -17,6 +17,7 @@ runs on a fresh state (the unknown session's memory is empty), names the id in i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -58,6 +59,7 @@ class Turn:
         self._open = session is not None
         # the committed point of a session's own state (None: a fresh state nothing else holds)
         self.checkpoint = Checkpoint(state) if session is not None else None
+        self._ending: asyncio.Task | None = None  # a rollback waiting for the model thread to let go
 
     @property
     def session_id(self) -> str | None:
@@ -87,13 +89,28 @@ class Turn:
         await self.close()
 
     async def close(self) -> None:
-        """Free the session; without a prior ``finish`` nothing of this turn is kept."""
+        """Free the session; without a prior ``finish`` nothing of this turn is kept. A rollback waits until the
+        model thread lets go of the state (a job cancelled mid-step), in a task of its own, so that a caller whose
+        own await is cancelled (a client gone) cannot cut it short; the session stays busy until then."""
         if self._open and self.session is not None:
             self._open = False
-            if not self.committed and self.checkpoint is not None:
-                self.checkpoint.restore()
-            if not self.committed and self.adapt:
-                self.ctx.metrics.commits.labels(outcome="rollback").inc()
+            scheduler = getattr(self.ctx.engine, "scheduler", None)
+            if not self.committed and scheduler is not None and scheduler.holds(self.state):
+                self._ending = asyncio.get_running_loop().create_task(self._end_when_free(scheduler))
+                return
+            self._end()
+
+    async def _end_when_free(self, scheduler: Any) -> None:
+        while scheduler.holds(self.state):
+            await asyncio.sleep(0.001)
+        self._end()
+
+    def _end(self) -> None:
+        if not self.committed and self.checkpoint is not None:
+            self.checkpoint.restore()
+        if not self.committed and self.adapt:
+            self.ctx.metrics.commits.labels(outcome="rollback").inc()
+        if self.session is not None:
             self.ctx.store.release(self.session)
 
     def adaptation(self, final_state: FastWeights | None) -> dict[str, Any]:
