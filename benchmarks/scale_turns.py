@@ -7,10 +7,10 @@ does (``serving.turn.open_turn``), takes ``--decode`` decode steps of the B turn
 ``rt.forward`` per step, as the scheduler does), then ends every turn: ``Turn.finish`` (commit) or ``Turn.close``
 without it (rollback). A bare round takes the same steps on the committed states with no turn. Per-turn overhead
 is (turn round - bare round) / B, the minimum of ``--repeats`` alternating rounds of each; open and end are timed
-on their own as well. Bytes copied per turn: what copying ops (``CopyCounter``) wrote in a turn round less in a
-bare round of the same steps, / B (exact, where the times are as noisy as the machine). Memory per active
+on their own as well. Bytes copied per turn: what copying ops (``CopyCounter``) wrote in a turn round and the
+bare round after it less in two bare rounds, / B (exact, where the times are as noisy as the machine). Memory per active
 session: the distinct tensor storages (S, KV, the rule's extras, the pending chunk, the last logits, the runtime's
-slot slabs, what a turn holds besides) while every turn is open, after its last step, divided by B. Only the
+slot slabs, what a turn holds besides) while every turn is open, just opened and after its last step, / B. Only the
 public turn functions are called, so the same code measures any version of ``serving.turn``.
 """
 
@@ -108,6 +108,8 @@ async def _rounds(rt: Any, sessions: int, prompt: int, steps: int, repeats: int,
         opened = [await open_turn(ctx, _request(sid), None, True) for sid in ids]  # type: ignore[arg-type]
         opened_at = time.perf_counter()
         states = [t.state for t in opened]
+        at_open = held_bytes(rt, [s.state for s in store.list(OWNER)] + states
+                             + [getattr(t, "checkpoint", None) for t in opened])
         if first:
             rt.forward(torch.randint(0, vocab, (sessions, prompt), generator=gen), states)
         written = states[0].writes
@@ -124,7 +126,7 @@ async def _rounds(rt: Any, sessions: int, prompt: int, steps: int, repeats: int,
                 await t.close()
         ended = time.perf_counter()
         return {"total": ended - start, "open": opened_at - start, "end": ended - stepped_at, "held": holding,
-                "writes": written}
+                "held_open": at_open, "writes": written}
 
     def bare() -> float:
         states = [s.state for s in store.list(OWNER)]
@@ -134,10 +136,13 @@ async def _rounds(rt: Any, sessions: int, prompt: int, steps: int, repeats: int,
         return time.perf_counter() - start
 
     async def copied(commit: bool) -> int:
-        """Bytes copied by a turn round less those of a bare round (the same steps): the turns' own copies."""
+        """Bytes copied by a turn round and the bare round after it, less those of two bare rounds (the same
+        steps): the turns' own copies, those a turn leaves to the next call (a slot reloaded) included."""
         with CopyCounter() as in_turns:
             await turns(commit)
+            bare()
         with CopyCounter() as in_bare:
+            bare()
             bare()
         return in_turns.bytes - in_bare.bytes
 
@@ -148,7 +153,8 @@ async def _rounds(rt: Any, sessions: int, prompt: int, steps: int, repeats: int,
             for name, run in (("commit", lambda: turns(True)), ("rollback", lambda: turns(False))):
                 got = await run()
                 old = best.setdefault(name, got)
-                best[name] = {k: max(old[k], got[k]) if k in ("held", "writes") else min(old[k], got[k]) for k in got}
+                best[name] = {k: (max if k in ("held", "held_open", "writes") else min)(old[k], got[k])
+                              for k in got}
                 got_bare = bare()
                 bare_best = best.setdefault("bare", {"total": got_bare})
                 bare_best["total"] = min(bare_best["total"], got_bare)
@@ -169,5 +175,6 @@ def turn_overhead(rt: Any, sessions: int, prompt: int, steps: int, repeats: int,
         lines.append(f"{name:8s}: overhead {(m['total'] - bare) / sessions * 1e3:7.1f} ms per turn "
                      f"(open {m['open'] / sessions * 1e3:.1f} ms, end {m['end'] / sessions * 1e3:.1f} ms); "
                      f"copied {got['copied'][name] / sessions / 2**20:.1f} MiB per turn; "
-                     f"held while active: {m['held'] / sessions / 2**20:.0f} MiB per session")
+                     f"held per session: {m['held_open'] / sessions / 2**20:.0f} MiB at open, "
+                     f"{m['held'] / sessions / 2**20:.0f} MiB after the steps")
     return lines
