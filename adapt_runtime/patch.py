@@ -67,6 +67,12 @@ def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None
     reads_folder = rule == "inplace-ttt" or getattr(RULES.get(rule), "reads_checkpoint", False)  # learned rules
     if isinstance(rule, str) and reads_folder and "checkpoint" not in rule_options and "conv" not in rule_options:
         rule_options["checkpoint"] = getattr(model, "name_or_path", None) or None
+    if state_rank is not None and isinstance(rule, str):  # a rank-r state takes the rule's defaults for one
+        for key, value in getattr(RULES.get(rule), "rank_defaults", {}).items():
+            if key == "norm_bound":
+                norm_bound = value if norm_bound is None else norm_bound
+            else:
+                rule_options.setdefault(key, value)
     rule_obj = make_rule(rule, **rule_options)
     decoder_layers = get_path(model, spec.layers)
     opts = _defaults(rule_obj, chunk_size, layers, lr, decay, clip, norm_bound)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_data import SOURCES, data_file
+from long_memory_sweep import parse_config
 from tqdm import tqdm
 
 import adapt_runtime as ar
@@ -91,21 +92,24 @@ def sweep(tokenizer, count: int) -> list[dict]:
     return rows
 
 
-def report(tokenizer, count: int) -> list[dict]:
+def report(tokenizer, count: int, rules: tuple[str, ...] = ("hebbian", "gradient")) -> list[dict]:
     rows = []
     for name in DATASETS:
         wins = windows(tokenizer, data_file(name), 512, count, "test")
         base, base_secs = score("none", wins)
         rows.append({"data": name, "rule": "none", "nll": sum(base) / len(base), "rel": 0.0, "ci95": 0.0,
                      "secs": base_secs, "n": len(wins)})
-        for rule in ("hebbian", "gradient"):
-            nlls, secs = score(rule, wins)
+        for variant in rules:
+            rule, _, options = variant.partition(":")
+            nlls, secs = score(rule, wins, variant, **parse_config(options))
             rel, _, ci = paired(base, nlls)
-            rows.append({"data": name, "rule": rule, "nll": sum(nlls) / len(nlls), "rel": rel, "ci95": ci,
+            rows.append({"data": name, "rule": variant, "nll": sum(nlls) / len(nlls), "rel": rel, "ci95": ci,
                          "secs": secs, "n": len(wins)})
-    print(f"\n{'data':12} {'rule':9} {'n':>4} {'mean NLL':>9} {'vs static':>10} {'95% CI (nats)':>14} {'time':>7}")
+    width = max(9, *(len(r["rule"]) for r in rows))
+    print(f"\n{'data':12} {'rule':{width}} {'n':>4} {'mean NLL':>9} {'vs static':>10} {'95% CI (nats)':>14} "
+          f"{'time':>7}")
     for r in rows:
-        print(f"{r['data']:12} {r['rule']:9} {r['n']:>4} {r['nll']:>9.4f} {100 * r['rel']:>9.2f}% "
+        print(f"{r['data']:12} {r['rule']:{width}} {r['n']:>4} {r['nll']:>9.4f} {100 * r['rel']:>9.2f}% "
               f"{'+-' + format(r['ci95'], '.4f'):>14} {r['secs']:>6.1f}s")
     return rows
 
@@ -116,13 +120,17 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="windows per dataset (default 64)")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--rules", nargs="+", default=["hebbian", "gradient"],
+                        help='rules of the report besides static, each a rule at its defaults or RULE:OPTIONS with '
+                             'ar.patch options as long_memory_sweep.py takes them, e.g. '
+                             '"hebbian:write_form=plain,norm_bound=0.05" (the defaults before 2026-12-05)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("tinystories",) if args.sweep else DATASETS:
         data_file(name)  # a missing dataset stops the run here, before any work
     _, tokenizer = ar.load_model("llama")
-    rows = sweep(tokenizer, args.windows) if args.sweep else report(tokenizer, args.windows)
+    rows = sweep(tokenizer, args.windows) if args.sweep else report(tokenizer, args.windows, tuple(args.rules))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1))

@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from long_memory_sweep import parse_config
 from scale_memory import MIB, bandwidth, bound_lines, peak_rss_bytes, reset_peak
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -73,9 +74,15 @@ SHAPES = {
 
 @dataclass(frozen=True)
 class Variant:
-    rule: str
+    rule: str  # a rule name, or RULE:OPTIONS (``ar.patch`` options as long_memory_sweep.py takes them)
     rank: int | None = None  # None: dense S
     pool: bool = True
+
+    @property
+    def patch_options(self) -> tuple[str, dict]:
+        """The rule's name and the ``ar.patch`` options the variant names."""
+        name, _, options = self.rule.partition(":")
+        return name, parse_config(options)
 
     @property
     def state(self) -> str:
@@ -127,9 +134,21 @@ def run_sessions(rt, prompts: torch.Tensor, steps: int) -> tuple[float, float, i
     return prefill, decode, fast_weight_bytes(states[0])
 
 
+def rule_variants(text: str) -> list[str]:
+    """``--rules``: a comma list of rules, each at its defaults or RULE:OPTIONS, where a piece with ``=`` and no
+    ``:`` continues the previous rule's options: ``"hebbian,hebbian:write_form=plain,norm_bound=0.05,gradient"``."""
+    out: list[str] = []
+    for piece in filter(None, (p.strip() for p in text.split(","))):
+        if "=" in piece and ":" not in piece and out:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def variants(args: argparse.Namespace) -> list[Variant]:
     out = [Variant("none")]
-    for rule in [r for r in args.rules.split(",") if r]:
+    for rule in rule_variants(args.rules):
         for kind in [k for k in args.states.split(",") if k]:
             rank = None if kind == "dense" else int(kind)
             pools = [True, False] if args.pool == "both" and rank is None else [args.pool != "off"]
@@ -141,7 +160,8 @@ def measure(model, v: Variant, prompts: torch.Tensor, args: argparse.Namespace) 
     if not args.quick:  # the previous runtime's slabs go before this peak is measured (~0.4 s a call)
         gc.collect()
     hwm_ok = reset_peak()
-    rt = ar.patch(model, rule=v.rule, chunk_size=args.chunk, layers=args.plastic_layers, state_rank=v.rank)
+    rule, options = v.patch_options
+    rt = ar.patch(model, rule=rule, chunk_size=args.chunk, layers=args.plastic_layers, state_rank=v.rank, **options)
     try:
         if not v.pool:
             rt.slot_pool = None
@@ -200,7 +220,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per session (default 64)")
     parser.add_argument("--decode", type=int, default=32, help="decode steps (default 32)")
     parser.add_argument("--sessions", default="1,8,32", help="comma list of batch sizes B (default 1,8,32)")
-    parser.add_argument("--rules", default="hebbian,gradient")
+    parser.add_argument("--rules", default="hebbian,gradient",
+                        help="comma list of rules, each at its defaults or RULE:OPTIONS (ar.patch options), e.g. "
+                             "hebbian,hebbian:write_form=plain,norm_bound=0.05 (default hebbian,gradient)")
     parser.add_argument("--states", default="dense,16", help="comma list: dense and/or ranks (default dense,16)")
     parser.add_argument("--pool", choices=["both", "on", "off"], default="on",
                         help="dense rules with the slot pool (on, default), without it (off), or both")
@@ -232,7 +254,8 @@ def main() -> None:
     if args.turns:
         from scale_turns import turn_overhead
 
-        rt = ar.patch(model, rule=args.rules.split(",")[0], chunk_size=args.chunk, layers=args.plastic_layers)
+        rule, options = Variant(rule_variants(args.rules)[0]).patch_options
+        rt = ar.patch(model, rule=rule, chunk_size=args.chunk, layers=args.plastic_layers, **options)
         sessions = max(int(x) for x in args.sessions.split(",") if x)
         print(f"threads={torch.get_num_threads()}; shape {args.shape}; rule {rt.config.rule}, plastic layers "
               f"{list(rt.config.layers)}, chunk {args.chunk}; prompt {args.prompt}")

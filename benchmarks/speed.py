@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from long_memory_sweep import parse_config
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import adapt_runtime as ar
@@ -73,13 +74,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--variants", nargs="+", default=["hebbian", "gradient"],
+                        help='plastic variants, each a rule at its defaults or RULE:OPTIONS with ar.patch options as '
+                             'long_memory_sweep.py takes them, e.g. "hebbian:write_form=plain,norm_bound=0.05"')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ids = torch.randint(0, 32000, (args.tokens,), generator=torch.Generator().manual_seed(0))
     prompt = ids[:16]
     static = build()
-    runtimes = {rule: ar.patch(build(), rule=rule, chunk_size=args.chunk) for rule in ("hebbian", "gradient")}
+    runtimes = {}
+    for variant in args.variants:
+        rule, _, options = variant.partition(":")
+        runtimes[variant] = ar.patch(build(), rule=rule, chunk_size=args.chunk, **parse_config(options))
     prefill = {"static": lambda: static_prefill(static, ids)}
     decode = {"static": lambda: static_decode(static, prompt, args.decode)}
     for rule, rt in runtimes.items():
@@ -90,13 +97,14 @@ def main() -> None:
     base = rows["static"]
     print(f"threads={torch.get_num_threads()}  prefill {args.tokens} tokens, chunk {args.chunk}; decode {args.decode}; "
           f"min of {args.repeats} interleaved repeats")
-    print(f"{'':10} {'prefill tok/s':>14} {'x static':>9} {'decode tok/s':>13} {'x static':>9}")
+    width = max(10, *map(len, rows))
+    print(f"{'':{width}} {'prefill tok/s':>14} {'x static':>9} {'decode tok/s':>13} {'x static':>9}")
     for name, r in rows.items():
         r["prefill_tok_s"] = args.tokens / r["prefill_s"]
         r["decode_tok_s"] = args.decode / r["decode_s"]
         r["prefill_ratio"] = base["prefill_s"] / r["prefill_s"]
         r["decode_ratio"] = base["decode_s"] / r["decode_s"]
-        print(f"{name:10} {r['prefill_tok_s']:>14.0f} {r['prefill_ratio']:>8.2f}x {r['decode_tok_s']:>13.1f} "
+        print(f"{name:{width}} {r['prefill_tok_s']:>14.0f} {r['prefill_ratio']:>8.2f}x {r['decode_tok_s']:>13.1f} "
               f"{r['decode_ratio']:>8.2f}x")
     print("\nfast-weight state per session (float32, every layer's down_proj):")
     memory = {}

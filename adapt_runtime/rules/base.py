@@ -78,6 +78,11 @@ class Rule:
     default_decay: ClassVar[float] = 1.0
     default_clip: ClassVar[float | None] = None
     default_norm_bound: ClassVar[float | None] = None
+    # step options (``adapt_runtime.rules.steps.Steps``) a rule that takes them starts from (``with_defaults``)
+    default_steps: ClassVar[dict[str, Any]] = {}
+    # what a rank-r state (``state_rank``, plain steps only) takes instead where not given: step options and
+    # ``norm_bound`` (``patch``)
+    rank_defaults: ClassVar[dict[str, Any]] = {}
 
     def options(self) -> dict[str, Any]:
         """Rule-specific options, JSON-able (recorded in the config and in state files)."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from adapt_runtime.chunk import Chunk
 from adapt_runtime.rules.base import Rule, Write, key_scale
-from adapt_runtime.rules.steps import Steps
+from adapt_runtime.rules.steps import Steps, with_defaults
 
 if TYPE_CHECKING:
     from adapt_runtime.architectures import ArchSpec
@@ -32,7 +32,7 @@ class GradientRule(Rule):
 
     def __init__(self, **steps: Any) -> None:
         """``steps``: the step options every rule takes (``adapt_runtime.rules.steps.Steps``)."""
-        self.steps = Steps(**steps)
+        self.steps = Steps(**with_defaults(self.default_steps, steps))
 
     def options(self) -> dict[str, Any]:
         return self.steps.options()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from adapt_runtime.architectures import get_path
 from adapt_runtime.chunk import Chunk
 from adapt_runtime.rules.base import Rule, Write, key_scale
-from adapt_runtime.rules.steps import Steps
+from adapt_runtime.rules.steps import Steps, with_defaults
 
 if TYPE_CHECKING:
     from adapt_runtime.architectures import ArchSpec
@@ -35,15 +35,24 @@ class HebbianRule(Rule):
     name = "hebbian"
     default_lr = 4.0
     default_chunk_size = 32
-    # long streams (benchmarks/long_memory_sweep.py): with all layers and no bound, ||S|| grows past ||W0|| and
-    # after 20k tokens unseen text scores +150% vs fresh; the top 3 layers held at 0.05 ||W0|| stay below fresh
+    # long streams (benchmarks/long_memory_sweep.py, benchmarks/long_memory_results.md): with all layers and no
+    # bound, ||S|| grows past ||W0|| and after 20k tokens unseen text scores +150% vs fresh. The top 3 layers with
+    # the delta rule at erase 0.2 (a write first takes back a fifth of what S retrieves at its keys) stay below fresh
+    # with no norm bound, and remember 2-4x more than the earlier bound of 0.05 ||W0||
     default_layers = "last:3"
-    default_norm_bound = 0.05
+    default_norm_bound = None
+    default_steps = {"write_form": "delta", "erase": 0.2}
+    # the earlier defaults (plain writes under the bound), kept by rank-r states (no delta form there) and by the
+    # targets the sweep did not cover (``output`` and ``next_token``, which stay layer-local)
+    rank_defaults = {"write_form": "plain", "norm_bound": 0.05}
 
     def __init__(self, target: str = "error", modulation: str = "none", topk: int = 32,
                  norm_jacobian: bool = True, **steps: Any) -> None:
         """``steps``: the step options every rule takes (``adapt_runtime.rules.steps.Steps``)."""
-        self.steps = Steps(**steps)
+        swept = target == "error"
+        self.steps = Steps(**with_defaults(self.default_steps if swept else {}, steps))
+        if not swept:
+            self.default_norm_bound = self.rank_defaults["norm_bound"]
         if target not in TARGETS:
             raise ValueError(f"hebbian target must be one of {TARGETS}, got {target!r}")
         if modulation not in MODULATIONS:

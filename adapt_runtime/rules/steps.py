@@ -63,6 +63,9 @@ class Steps:
         if not (isinstance(self.erase, (int, float)) and math.isfinite(self.erase) and self.erase >= 0):
             raise ValueError(f"erase must be a finite number >= 0, got {self.erase!r}")
         object.__setattr__(self, "erase", float(self.erase))
+        if self.write_form != "delta" and self.erase != 1.0:
+            raise ValueError(f"erase applies to write_form='delta' only, got erase={self.erase} with the "
+                             f"{self.write_form!r} form")
         if self.normalise is not None:
             if not (isinstance(self.normalise, (int, float)) and math.isfinite(self.normalise) and self.normalise > 0):
                 raise ValueError(f"normalise must be a positive number (the step's norm relative to ||W0||) or "
@@ -118,6 +121,16 @@ class Steps:
     def rate(self, layers: tuple[int, ...], layer: int) -> float:
         """The factor on ``layer``'s rates (1 without ``layer_rates``)."""
         return 1.0 if self.layer_rates is None else self.layer_rates[layers.index(layer)]
+
+
+def with_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A rule's step options: ``given`` over the rule's ``defaults``, key by key, except that a given
+    ``write_form`` other than the default's takes the default ``erase`` away with the default form
+    (``write_form="plain"`` keeps no stray ``erase``; ``erase=0.3`` alone keeps the default form)."""
+    merged = {**defaults, **given}
+    if given.get("write_form", defaults.get("write_form")) != defaults.get("write_form") and "erase" not in given:
+        merged.pop("erase", None)
+    return merged
 
 
 def newton_schulz(A: Tensor, B: Tensor, steps: int = NS_STEPS) -> Tensor:

@@ -10,7 +10,9 @@ from adapt_runtime import lowrank
 from adapt_runtime.rules import Write
 
 RULES = [
-    pytest.param("hebbian", {"decay": 0.9, "clip": 0.05}, id="hebbian-decay-clip"),
+    # pinned to what a rank-r state takes (HebbianRule.rank_defaults: plain writes, bound 0.05), for the dense side too
+    pytest.param("hebbian", {"decay": 0.9, "clip": 0.05, "write_form": "plain", "norm_bound": 0.05},
+                 id="hebbian-decay-clip"),
     pytest.param("gradient", {}, id="gradient"),
 ]
 
@@ -120,3 +122,15 @@ def test_dense_config_json_is_unchanged_and_bad_ranks_are_refused() -> None:
     with pytest.raises(ValueError, match="state_rank"):
         patched("hebbian", state_rank=4, state_dtype="bfloat16")
     # saving a rank-r state is no longer refused: see test_lowrank_state_file.py
+
+
+def test_a_rank_r_state_takes_the_rules_rank_defaults_and_given_options_win() -> None:
+    from adapt_runtime.rules import HebbianRule
+
+    dense, low = patched("hebbian"), patched("hebbian", state_rank=4)
+    assert {k: dense.config.options[k] for k in HebbianRule.default_steps} == HebbianRule.default_steps
+    assert dense.config.norm_bound == HebbianRule.default_norm_bound
+    assert low.rule.steps.plain and low.config.norm_bound == HebbianRule.rank_defaults["norm_bound"]
+    assert patched("hebbian", state_rank=4, norm_bound=0.2).config.norm_bound == 0.2
+    with pytest.raises(ValueError, match="dense state"):  # step options a rank-r state cannot take, asked for
+        patched("hebbian", state_rank=4, write_form="delta")

@@ -113,7 +113,8 @@ def recorded_writes(rt, monkeypatch) -> list[list]:
 @pytest.mark.parametrize("decay", [1.0, 0.5, 0.0], ids=lambda d: f"decay{d}")
 def test_decay_multiplies_old_writes_at_each_write(decay, monkeypatch):
     """After K writes U_1..U_K, S = sum_k decay^(K-k) U_k, with each U_k = V^T diag(beta) X formed here in float64."""
-    rt = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=1.0, decay=decay, norm_bound=0)  # no S bound
+    # the plain write form (the delta form's erase term is test_rule_steps.py's), no S bound
+    rt = ar.patch(tiny_model(), rule="hebbian", chunk_size=4, lr=1.0, decay=decay, norm_bound=0, write_form="plain")
     log = recorded_writes(rt, monkeypatch)
     state = rt.new_state()
     rt.forward(tokens(17), state)

@@ -10,7 +10,7 @@ from core_testing import VOCAB, assert_close, tiny_model, tokens, tolerance
 
 import adapt_runtime as ar
 from adapt_runtime.rules import Steps, Write
-from adapt_runtime.rules.steps import NS_COEFFS, NS_STEPS, newton_schulz
+from adapt_runtime.rules.steps import NS_COEFFS, NS_STEPS, newton_schulz, with_defaults
 
 LR = {"hebbian": 4.0, "gradient": 2.0}
 OPTIONS = {
@@ -29,7 +29,8 @@ BATCHED_CASES = [c for c in CASES if c.id.endswith(("delta", "all", "normalised"
 
 
 def runtime(rule: str, options: dict, chunk_size: int = 5, **kwargs) -> ar.Runtime:
-    options = {"norm_bound": 0, **options, **kwargs}
+    # each option on top of the plain form, as its formula is written (hebbian's default form is the delta rule)
+    options = {"norm_bound": 0, "write_form": "plain", **options, **kwargs}
     return ar.patch(tiny_model(), rule=rule, chunk_size=chunk_size, lr=LR[rule], **options)
 
 
@@ -51,10 +52,14 @@ def record_writes(rt: ar.Runtime, monkeypatch: pytest.MonkeyPatch) -> list[list[
 
 
 def test_defaults_record_no_step_option():
-    """A rule at the defaults records exactly the options it recorded before the step options existed."""
+    """A rule at the defaults records its own options and only the step options it defaults to (hebbian's delta
+    form, chosen by the long-read sweep), so a state file written at the defaults says which form wrote it."""
     assert ar.patch(tiny_model(), rule="gradient").config.options == {}
-    assert set(ar.patch(tiny_model(), rule="hebbian").config.options) == {"target", "modulation", "topk",
-                                                                          "norm_jacobian"}
+    options = ar.patch(tiny_model(), rule="hebbian").config.options
+    assert set(options) == {"target", "modulation", "topk", "norm_jacobian", "write_form", "erase"}
+    assert (options["write_form"], options["erase"]) == ("delta", 0.2)
+    plain = ar.patch(tiny_model(), rule="hebbian", write_form="plain").config.options
+    assert set(plain) == {"target", "modulation", "topk", "norm_jacobian"}  # as recorded before the delta default
     rt = runtime("gradient", OPTIONS["all"])
     assert rt.config.options == {"write_form": "delta", "orthogonalise": True, "normalise": 0.02,
                                  "layer_rates": [1.0, 0.5, 2.0]}
@@ -411,3 +416,19 @@ def test_extra_steps_refuse_a_non_finite_step(rule, name, monkeypatch):
     assert state.writes == 1 and state.refused_writes == 1
     assert all(torch.equal(state.S[i], S) for i, S in before.items())
     assert all(torch.equal(state.extra[p][i], t) for p, part in extra.items() for i, t in part.items())
+
+
+def test_a_rules_step_defaults_yield_to_given_options():
+    defaults = {"write_form": "delta", "erase": 0.2}
+    assert with_defaults(defaults, {}) == defaults
+    assert with_defaults(defaults, {"normalise": 0.01}) == {**defaults, "normalise": 0.01}
+    assert with_defaults(defaults, {"erase": 0.3}) == {"write_form": "delta", "erase": 0.3}  # the form stays
+    assert with_defaults(defaults, {"write_form": "delta"}) == defaults
+    assert with_defaults(defaults, {"write_form": "plain"}) == {"write_form": "plain"}  # no stray erase
+    assert runtime("hebbian", {"write_form": "plain"}).rule.steps.plain
+    assert ar.patch(tiny_model(), rule="hebbian", erase=0.3).rule.steps.write_form == "delta"
+
+
+def test_erase_without_the_delta_form_is_refused():
+    with pytest.raises(ValueError, match="erase applies to write_form='delta'"):
+        ar.patch(tiny_model(), rule="gradient", erase=0.5)

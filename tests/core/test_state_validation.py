@@ -155,7 +155,9 @@ def test_a_state_at_the_models_length_still_loads():
 @pytest.mark.parametrize("option", ["target", "norm_jacobian", "modulation", "topk"])
 def test_other_rule_options_are_incompatible(good, option):
     value = {"target": "output", "norm_jacobian": False, "modulation": "surprise", "topk": 5}[option]
-    other = patched("hebbian", chunk_size=CHUNK, **{option: value})
+    # the same step options as the good state's runtime (hebbian's delta default is taken by its error target only)
+    steps = {"write_form": "delta", "erase": 0.2}
+    other = patched("hebbian", chunk_size=CHUNK, **steps, **{option: value})
     with pytest.raises(ar.IncompatibleStateError, match=f"rule option '{option}'"):
         ar.state_from_bytes(good, other)
 
