@@ -82,6 +82,14 @@ def take_steps(s: FastWeights, writes: list[Write], steps: Steps, decay: float,
     return out, erase
 
 
+def retrieval_norm(S: Tensor) -> Tensor:
+    """A float64 upper bound on ``||S||_F`` for the overflow guard, summed in float32 (a float64 pass over a
+    real-width S cost as much as the write itself): twice the float32 norm, a margin far beyond float32's rounding
+    of the sum of squares and harmless to a guard set at 1e18; an overflow is inf (refused, as the float64 norm of
+    so large an S would be), and NaN stays NaN."""
+    return torch.linalg.vector_norm(S, dtype=torch.float32).double() * 2.0
+
+
 def writes_are_safe(s: FastWeights, writes: list[Write], erase: dict[int, float] | None = None) -> bool:
     """True when every layer's write stays below ``OVERFLOW_GUARD``; else the write is counted as refused and
     logged, and nothing may be written (the one check of the dense and the low-rank state). ``erase``: per layer
@@ -90,7 +98,7 @@ def writes_are_safe(s: FastWeights, writes: list[Write], erase: dict[int, float]
     for w in writes:
         factor = (erase or {}).get(w.layer, 0.0)
         S = s.S.get(w.layer) if factor else None
-        retrieval = 0.0 if S is None else abs(factor) * torch.linalg.vector_norm(S, dtype=torch.float64)
+        retrieval = 0.0 if S is None else abs(factor) * retrieval_norm(S)
         bounds.append(write_bound(w, retrieval).to(s.spec.device))
     bound = torch.stack(bounds).max()
     if bool(bound <= OVERFLOW_GUARD):  # NaN compares False: refused as well

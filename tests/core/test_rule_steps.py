@@ -432,3 +432,15 @@ def test_a_rules_step_defaults_yield_to_given_options():
 def test_erase_without_the_delta_form_is_refused():
     with pytest.raises(ValueError, match="erase applies to write_form='delta'"):
         ar.patch(tiny_model(), rule="gradient", erase=0.5)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e10, 1e25], ids=lambda s: f"scale{s:g}")
+def test_the_guards_retrieval_norm_bounds_the_exact_norm(scale):
+    from adapt_runtime.writes import OVERFLOW_GUARD, retrieval_norm
+
+    S = torch.randn(64, 172, generator=torch.Generator().manual_seed(0)) * scale
+    exact = torch.linalg.vector_norm(S.double())
+    bound = retrieval_norm(S)
+    assert bound.dtype == torch.float64 and bound >= exact
+    assert (bound <= OVERFLOW_GUARD) == (exact <= OVERFLOW_GUARD)  # the same decision away from the guard
+    assert torch.isnan(retrieval_norm(torch.full((2, 2), float("nan"))))
