@@ -61,7 +61,10 @@ def record(rule: Rule, states: Sequence[FastWeights], starts: Sequence[int], bin
             pending.add_target(FINAL_SCALE, last.records[FINAL_SCALE].reshape(rows, -1)[b])
     k = nxt.shape[1]
     if k and rule.stashes_targets:
-        _stash(states, rule.targets(logits[:, :k].reshape(rows * k, -1), nxt.reshape(-1)), k)
+        labels = nxt.reshape(-1)
+        targets = (rule.targets(logits[:, :k].reshape(rows * k, -1), labels) if rule.targets_read_logits
+                   else rule.label_targets(labels))
+        _stash(states, targets, k)
 
 
 def label_last(rule: Rule, states: Sequence[FastWeights], next_tokens: Sequence[int]) -> None:
@@ -69,14 +72,18 @@ def label_last(rule: Rule, states: Sequence[FastWeights], next_tokens: Sequence[
     them now from the row's last logits, all rows in one ``rule.targets`` call."""
     if not rule.stashes_targets:
         return
+    reads = rule.targets_read_logits
     rows = [(s, t) for s, t in zip(states, next_tokens)
             if len(s.pending) - labelled(s.pending) == 1
-            and s.pending.positions[-1] == s.tokens_seen - 1 and s.last_logits is not None]
+            and s.pending.positions[-1] == s.tokens_seen - 1 and (s.last_logits is not None or not reads)]
     if not rows:
         return
-    logits = torch.stack([s.last_logits for s, _ in rows])
-    labels = torch.tensor([t for _, t in rows], device=logits.device)
-    _stash([s for s, _ in rows], rule.targets(logits, labels), 1)
+    labels = torch.tensor([t for _, t in rows], device=rows[0][0].spec.device)
+    if reads:
+        targets = rule.targets(torch.stack([s.last_logits for s, _ in rows]), labels)
+    else:
+        targets = rule.label_targets(labels)
+    _stash([s for s, _ in rows], targets, 1)
 
 
 def finished(rule: Rule, state: FastWeights, next_token: int, lr: float, graph: ChunkGraph | None,

@@ -102,6 +102,12 @@ class Rule:
         """Whether the rule computes per-position ``targets`` (the runtime then collects them)."""
         return type(self).targets is not Rule.targets
 
+    @property
+    def targets_read_logits(self) -> bool:
+        """Whether ``targets`` reads the logits. A rule whose stashed targets come from the labels alone says False:
+        the runtime then takes them from ``label_targets`` and computes logits only where its caller reads them."""
+        return self.stashes_targets
+
     def write(self, chunk: Chunk) -> list[Write]:
         """The writes of one row's finished chunk."""
         return []

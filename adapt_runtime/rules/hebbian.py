@@ -73,10 +73,19 @@ class HebbianRule(Rule):
         return (self.target != "error" and not self.reads_final_norm and self.modulation == "none"
                 and len(getattr(self, "_layers", ())) == 1 and (steps is None or steps.plain))
 
+    @property
+    def targets_read_logits(self) -> bool:  # type: ignore[override]
+        """Only the ``error`` target and the ``surprise`` modulation read the logits."""
+        return self.target == "error" or self.modulation != "none"
+
     def label_targets(self, labels: Tensor) -> dict[str, Tensor]:
-        """Unmodulated, ``write`` reads the surprise ``nll`` for its length only."""
+        """Unmodulated, ``write`` reads the surprise ``nll`` for its length only; ``next_token``'s target is the
+        label's embedding (scaled by the final norm's gain where it reads it), as ``targets`` gives it."""
         nll = torch.zeros(labels.shape[0], device=labels.device)
-        return {"nll": nll} if self.target == "output" else {"v": self._unembed[labels].float(), "nll": nll}
+        if self.target == "output":
+            return {"nll": nll}
+        v = self._unembed[labels].float()
+        return {"v": v if self._gain is None else v * self._gain, "nll": nll}
 
     def options(self) -> dict[str, Any]:
         return {"target": self.target, "modulation": self.modulation, "topk": self.topk,
