@@ -45,7 +45,8 @@ def unembedded_rows(rt) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("target,layers", [("output", [4]), ("next_token", None)], ids=["output-one-pass", "next_token"])
+@pytest.mark.parametrize("target,layers", [("output", [4]), ("next_token", None)],
+                         ids=["output-one-pass", "next_token"])
 def test_hebbian_targets_from_labels_compute_no_logits_beyond_the_last_and_write_the_same(target, layers):
     """Unmodulated ``output`` and ``next_token`` targets come from the labels: generation reads the last position's
     logits only, and the writes equal those of a forward that computes every position's."""
