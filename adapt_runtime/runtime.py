@@ -125,8 +125,7 @@ class Runtime:
             if out is not None:
                 return self._finish(out, states)
         # the rule's logits: every position of a call when it reads them; else only what the caller reads
-        reads = self.rule.stashes_targets and self.rule.targets_read_logits
-        keep = 0 if not last or (adapt and (reads or self.rule.needs_grad)) else 1
+        keep = 0 if not last or (adapt and (self.rule.targets_read_logits or self.rule.needs_grad)) else 1
         C = self.config.chunk_size
         outs: list[Tensor] = []
         graphs: dict[int, ChunkGraph] = {}
@@ -234,10 +233,9 @@ class Runtime:
         if not plan.fires:
             return None
         trails = [row.trail for row in plan.rows]
-        reads = rule.stashes_targets and rule.targets_read_logits
         keep = 0
         if last:  # the pending positions' logits for a rule that reads them, else the last position's
-            keep = max(total - t for t in trails) if reads else 1
+            keep = max(total - t for t in trails) if rule.targets_read_logits else 1
         saved = [(s.kv, s.kv_tokens) for s in states]
         logits, bindings = self._call_model(ids, states, frozenset(rule.capture), False, keep, plan)
         counts = [{plan.fired[i][b] for i in self.plastic} for b in range(len(states))]
@@ -258,7 +256,7 @@ class Runtime:
             start, t = s.tokens_seen, trails[b]
             s.tokens.extend(ids[b].tolist())
             n = total - t
-            trailing = logits[b : b + 1, -n:] if reads else logits[b : b + 1, -1:].expand(1, n, -1)
+            trailing = logits[b : b + 1, -n:] if rule.targets_read_logits else logits[b : b + 1, -1:].expand(1, n, -1)
             records = {i: Binding(records={k: v[b : b + 1, t:] for k, v in bnd.records.items()})
                        for i, bnd in bindings.items()}
             record(rule, [s], [start + t], records, trailing, ids[b : b + 1, t + 1 :], C)

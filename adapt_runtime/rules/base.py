@@ -104,8 +104,9 @@ class Rule:
 
     @property
     def targets_read_logits(self) -> bool:
-        """Whether ``targets`` reads the logits. A rule whose stashed targets come from the labels alone says False:
-        the runtime then takes them from ``label_targets`` and computes logits only where its caller reads them."""
+        """Whether the rule stashes targets and they read the logits (False implies nothing for a rule that stashes
+        none). A rule whose stashed targets come from the labels alone says False: the runtime then takes them from
+        ``label_targets`` and computes logits only where its caller reads them."""
         return self.stashes_targets
 
     def write(self, chunk: Chunk) -> list[Write]:

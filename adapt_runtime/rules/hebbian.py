@@ -75,7 +75,7 @@ class HebbianRule(Rule):
 
     @property
     def targets_read_logits(self) -> bool:  # type: ignore[override]
-        """Only the ``error`` target and the ``surprise`` modulation read the logits."""
+        """Only the ``error`` target and the ``surprise`` modulation read the logits (hebbian always stashes)."""
         return self.target == "error" or self.modulation != "none"
 
     def label_targets(self, labels: Tensor) -> dict[str, Tensor]:
