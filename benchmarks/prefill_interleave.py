@@ -23,10 +23,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.events import Done, Event, Failed, PromptScored, Token
-from adapt_runtime.serving.sampling import SamplingParams
-from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
+from adapt_runtime.serving.engine.detokenize import Detokenizer
+from adapt_runtime.serving.engine.events import Done, Event, Failed, PromptScored, Token
+from adapt_runtime.serving.engine.sampling import SamplingParams
+from adapt_runtime.serving.engine.scheduler import Job, Prompt, Scheduler
 
 import adapt_runtime as ar
 

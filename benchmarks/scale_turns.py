@@ -24,10 +24,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from adapt_runtime.serving.session_files import SessionFiles
-from adapt_runtime.serving.sessions import SessionStore
-from adapt_runtime.serving.turn import open_turn
-from starlette.requests import Request
+from adapt_runtime.serving.sessions.files import SessionFiles
+from adapt_runtime.serving.sessions.local_store import SessionStore
+from adapt_runtime.serving.sessions.turn import open_turn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 OWNER = "bench"
@@ -84,11 +83,6 @@ def held_bytes(rt: Any, objects: list[Any]) -> int:
     return sum(storages.values())
 
 
-def _request(sid: str) -> Request:
-    return Request({"type": "http", "method": "POST", "path": "/", "headers": [(b"x-session-id", sid.encode())],
-                    "query_string": b"", "state": {"principal": OWNER}})
-
-
 async def _rounds(rt: Any, sessions: int, prompt: int, steps: int, repeats: int, vocab: int,
                   root: Path) -> dict[str, Any]:
     store = SessionStore(rt.new_state, lambda data: None, SessionFiles(root), budget=1 << 62,
@@ -105,7 +99,7 @@ async def _rounds(rt: Any, sessions: int, prompt: int, steps: int, repeats: int,
 
     async def turns(commit: bool, first: bool = False) -> dict[str, float]:
         start = time.perf_counter()
-        opened = [await open_turn(ctx, _request(sid), None, True) for sid in ids]  # type: ignore[arg-type]
+        opened = [await open_turn(ctx, OWNER, sid, True) for sid in ids]  # type: ignore[arg-type]
         opened_at = time.perf_counter()
         states = [t.state for t in opened]
         at_open = held_bytes(rt, [s.state for s in store.list(OWNER)] + states

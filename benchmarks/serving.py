@@ -180,10 +180,10 @@ def engine_tokens_per_s(model: str, rule: str, sessions: int, turns: int, max_to
     """The same workload on the scheduler alone (no HTTP, no client): the ceiling the server works against."""
     import threading
 
-    from adapt_runtime.serving.engine import Engine
-    from adapt_runtime.serving.events import Done
-    from adapt_runtime.serving.sampling import SamplingParams
-    from adapt_runtime.serving.scheduler import Job, _deliver
+    from adapt_runtime.serving.engine.events import Done
+    from adapt_runtime.serving.engine.native import Engine
+    from adapt_runtime.serving.engine.sampling import SamplingParams
+    from adapt_runtime.serving.engine.scheduler import Job, _deliver
 
     import adapt_runtime as ar
 

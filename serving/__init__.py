@@ -6,8 +6,8 @@
 The command line is ``adapt-serve`` (``adapt_runtime.serving.cli``).
 """
 
-from adapt_runtime.serving.app import build_app
 from adapt_runtime.serving.config import ServerConfig
+from adapt_runtime.serving.edge.app import build_app
 from adapt_runtime.serving.server import create_context, serve
 
 __all__ = ["ServerConfig", "build_app", "create_context", "serve"]

@@ -8,15 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from adapt_runtime.serving.chat_template import ChatTemplate
 from adapt_runtime.serving.config import ServerConfig
+from adapt_runtime.serving.edge.chat_template import ChatTemplate
 from adapt_runtime.serving.failures import InvalidRequest, LimitReached, NotFound
 from adapt_runtime.serving.metrics import Metrics
-from fastapi import Request
 
 if TYPE_CHECKING:
-    from adapt_runtime.serving.engine_protocol import EngineProtocol
-    from adapt_runtime.serving.session_store import SessionStoreProtocol
+    from adapt_runtime.serving.engine.interface import EngineProtocol
+    from adapt_runtime.serving.sessions.store import SessionStoreProtocol
 
     from adapt_runtime.runtime import Runtime
 
@@ -87,14 +86,6 @@ def text_size(value: Any) -> int:
         return len(text)
     content = getattr(value, "content", None)  # a chat message
     return 1 if content is None else text_size(content)
-
-
-def ctx_of(request: Request) -> ServerContext:
-    return request.app.state.ctx
-
-
-def principal_of(request: Request) -> str:
-    return request.scope["state"]["principal"]
 
 
 def system_fingerprint(ctx: ServerContext) -> str:

@@ -10,22 +10,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from adapt_runtime.serving.app import build_app
-from adapt_runtime.serving.chat_template import ChatTemplate
 from adapt_runtime.serving.config import ServerConfig
 from adapt_runtime.serving.context import ServerContext
-from adapt_runtime.serving.engine import Engine
-from adapt_runtime.serving.http_protocol import with_header_timeout
+from adapt_runtime.serving.edge.app import build_app
+from adapt_runtime.serving.edge.chat_template import ChatTemplate
+from adapt_runtime.serving.edge.header_deadline import with_header_timeout
+from adapt_runtime.serving.edge.session_routes import decode_state
+from adapt_runtime.serving.engine.native import Engine
 from adapt_runtime.serving.metrics import Metrics
-from adapt_runtime.serving.session_files import SessionFiles
-from adapt_runtime.serving.session_routes import decode_state
-from adapt_runtime.serving.sessions import SessionStore
+from adapt_runtime.serving.sessions.files import SessionFiles
+from adapt_runtime.serving.sessions.local_store import SessionStore
 
 import adapt_runtime as ar
 
 if TYPE_CHECKING:
-    from adapt_runtime.serving.engine_protocol import EngineProtocol
-    from adapt_runtime.serving.session_store import SessionStoreProtocol
+    from adapt_runtime.serving.engine.interface import EngineProtocol
+    from adapt_runtime.serving.sessions.store import SessionStoreProtocol
 
     from adapt_runtime.runtime import Runtime
 
@@ -79,7 +79,7 @@ def create_context(config: ServerConfig,
 def make_engine(config: ServerConfig, runtime: Runtime, tokenizer: Any, metrics: Metrics) -> EngineProtocol:
     """The engine ``--engine`` names: the native scheduler, or vLLM generating with the runtime learning."""
     if config.engine == "vllm":
-        from adapt_runtime.serving.vllm_engine import VllmEngine
+        from adapt_runtime.serving.engine.vllm_engine import VllmEngine
 
         from adapt_runtime.models import resolve_model_name
 

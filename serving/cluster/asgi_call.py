@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from adapt_runtime.serving.errors import envelope_bytes
+from adapt_runtime.serving.edge.errors import envelope_bytes
 
 log = logging.getLogger("adapt_serve")
 Item = dict[str, Any] | bytes

@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-from adapt_runtime.serving.app import build_app
 from adapt_runtime.serving.cluster.asgi_call import Item, call_asgi, http_scope
-from adapt_runtime.serving.cluster.cluster_sessions import ClusterSessionStore
 from adapt_runtime.serving.cluster.config import ClusterConfig, open_states
+from adapt_runtime.serving.edge.app import build_app
+from adapt_runtime.serving.edge.session_routes import decode_state
 from adapt_runtime.serving.server import create_context
-from adapt_runtime.serving.session_routes import decode_state
+from adapt_runtime.serving.sessions.cluster_store import ClusterSessionStore
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter

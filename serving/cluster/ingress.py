@@ -14,7 +14,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from adapt_runtime.serving.errors import envelope_bytes
+from adapt_runtime.serving.edge.errors import envelope_bytes
 from fastapi import FastAPI, Request
 from ray import serve
 from starlette.responses import Response, StreamingResponse

@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 import torch
-from adapt_runtime.serving.app import build_app
 from adapt_runtime.serving.config import ServerConfig
+from adapt_runtime.serving.edge.app import build_app
 from adapt_runtime.serving.server import create_context
 from safetensors.torch import load
 

@@ -14,7 +14,7 @@ pytest.importorskip("redis", reason="needs the ray extra: pip install -e '.[ray]
 import httpx  # noqa: E402
 from adapt_runtime.serving.cluster.lease import LeaseConfig, LeaseStore  # noqa: E402
 from adapt_runtime.serving.cluster.state_store import CommitRejected  # noqa: E402
-from adapt_runtime.serving.guard import ApiKeys  # noqa: E402
+from adapt_runtime.serving.edge.guard import ApiKeys  # noqa: E402
 from cluster_testing import Cluster  # noqa: E402
 from oracle import History, Replay, check  # noqa: E402
 

@@ -10,11 +10,11 @@ import pytest
 redis = pytest.importorskip("redis", reason="needs the ray extra: pip install -e '.[ray]'")
 
 from adapt_runtime.serving.cluster.blobs import BlobStore  # noqa: E402
-from adapt_runtime.serving.cluster.cluster_sessions import ClusterSessionStore  # noqa: E402
 from adapt_runtime.serving.cluster.lease import LeaseConfig, LeaseStore  # noqa: E402
 from adapt_runtime.serving.cluster.state_store import StateStore  # noqa: E402
-from adapt_runtime.serving.errors import http_error  # noqa: E402
+from adapt_runtime.serving.edge.errors import http_error  # noqa: E402
 from adapt_runtime.serving.failures import ServingError  # noqa: E402
+from adapt_runtime.serving.sessions.cluster_store import ClusterSessionStore  # noqa: E402
 
 
 class Blob:

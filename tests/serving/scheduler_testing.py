@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 
-from adapt_runtime.serving.events import Done, Event, Failed, Token
-from adapt_runtime.serving.scheduler import Job
+from adapt_runtime.serving.engine.events import Done, Event, Failed, Token
+from adapt_runtime.serving.engine.scheduler import Job
 
 WAIT_S = 60.0
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.events import Done, Failed
-from adapt_runtime.serving.sampling import SamplingParams
-from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
+from adapt_runtime.serving.engine.detokenize import Detokenizer
+from adapt_runtime.serving.engine.events import Done, Failed
+from adapt_runtime.serving.engine.sampling import SamplingParams
+from adapt_runtime.serving.engine.scheduler import Job, Prompt, Scheduler
 from scheduler_testing import Collector
 from serve_testing import TEST_DEVICE
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.events import Failed, Token
-from adapt_runtime.serving.sampling import SamplingParams, draw, penalised
-from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
+from adapt_runtime.serving.engine.detokenize import Detokenizer
+from adapt_runtime.serving.engine.events import Failed, Token
+from adapt_runtime.serving.engine.sampling import SamplingParams, draw, penalised
+from adapt_runtime.serving.engine.scheduler import Job, Prompt, Scheduler
 from scheduler_testing import Collector
 from serve_testing import TEST_DEVICE
 

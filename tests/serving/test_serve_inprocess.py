@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from adapt_runtime.serving.app import build_app
 from adapt_runtime.serving.config import ServerConfig
 from adapt_runtime.serving.context import OFF_LOOP_CHARS, ServerContext
+from adapt_runtime.serving.edge.app import build_app
 from adapt_runtime.serving.server import create_context
 from serve_testing import TEST_DEVICE
 

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from adapt_runtime.serving import session_files
-from adapt_runtime.serving.errors import http_error
+from adapt_runtime.serving.edge.errors import http_error
 from adapt_runtime.serving.failures import ServingError
-from adapt_runtime.serving.session_files import SessionFiles
-from adapt_runtime.serving.sessions import SessionStore
+from adapt_runtime.serving.sessions import files as session_files
+from adapt_runtime.serving.sessions.files import SessionFiles
+from adapt_runtime.serving.sessions.local_store import SessionStore
 from serve_testing import MODEL
 
 import adapt_runtime.atomic

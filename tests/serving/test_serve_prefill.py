@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 from adapt_runtime.serving.config import ServerConfig
-from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.events import Done, Failed, PromptScored, Token
-from adapt_runtime.serving.prefill import PromptReader
-from adapt_runtime.serving.sampling import SamplingParams
-from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
+from adapt_runtime.serving.engine.detokenize import Detokenizer
+from adapt_runtime.serving.engine.events import Done, Failed, PromptScored, Token
+from adapt_runtime.serving.engine.prompt_reader import PromptReader
+from adapt_runtime.serving.engine.sampling import SamplingParams
+from adapt_runtime.serving.engine.scheduler import Job, Prompt, Scheduler
 from scheduler_testing import Collector
 from serve_testing import TEST_DEVICE
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-from adapt_runtime.serving import guard
-from adapt_runtime.serving.app import router as main_router
-from adapt_runtime.serving.guard import PUBLIC_PATHS, ApiKeys, Guard
-from adapt_runtime.serving.session_routes import router as session_router
+from adapt_runtime.serving.edge import guard
+from adapt_runtime.serving.edge.app import router as main_router
+from adapt_runtime.serving.edge.guard import PUBLIC_PATHS, ApiKeys, Guard
+from adapt_runtime.serving.edge.session_routes import router as session_router
 from serve_testing import KEY_A, KEY_B, MODEL, Server, assert_envelope
 
 MAX_BODY = 4096

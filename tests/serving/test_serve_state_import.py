@@ -10,7 +10,7 @@ import signal
 import httpx
 import pytest
 import torch
-from adapt_runtime.serving.session_routes import is_state_route
+from adapt_runtime.serving.edge.session_routes import is_state_route
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from serve_testing import KEY_A, MODEL, Server, assert_envelope

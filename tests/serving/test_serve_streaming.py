@@ -8,14 +8,14 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from adapt_runtime.serving.chat import ChatFormat
-from adapt_runtime.serving.events import Done, Failed, Finished, PromptScored, Token
-from adapt_runtime.serving.generation import Generation, respond
+from adapt_runtime.serving.edge.chat import ChatFormat
+from adapt_runtime.serving.edge.responses import Generation, respond
+from adapt_runtime.serving.edge.schemas import StreamOptions
+from adapt_runtime.serving.engine.events import Done, Failed, Finished, PromptScored, Token
+from adapt_runtime.serving.engine.sampling import SamplingParams
+from adapt_runtime.serving.engine.scheduler import Job
 from adapt_runtime.serving.metrics import Metrics
-from adapt_runtime.serving.protocol import StreamOptions
-from adapt_runtime.serving.sampling import SamplingParams
-from adapt_runtime.serving.scheduler import Job
-from adapt_runtime.serving.turn import Turn
+from adapt_runtime.serving.sessions.turn import Turn
 
 
 class ScriptedEngine:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from adapt_runtime.serving import failures
-from adapt_runtime.serving.errors import STATUS, http_error
+from adapt_runtime.serving.edge.errors import STATUS, http_error
 
 SERVING = Path(__file__).resolve().parents[2] / "serving"
 MODULES = sorted(p for p in SERVING.rglob("*.py") if "__pycache__" not in p.parts)

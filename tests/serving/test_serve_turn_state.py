@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from adapt_runtime.serving import turn as turn_module
-from adapt_runtime.serving.app import build_app
 from adapt_runtime.serving.config import ServerConfig
 from adapt_runtime.serving.context import ServerContext
+from adapt_runtime.serving.edge.app import build_app
 from adapt_runtime.serving.server import create_context
+from adapt_runtime.serving.sessions import turn as turn_module
 from serve_testing import TEST_DEVICE
 
 import adapt_runtime

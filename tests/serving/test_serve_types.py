@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from adapt_runtime.serving.engine_protocol import EngineProtocol
-from adapt_runtime.serving.session_store import SessionStoreProtocol
+from adapt_runtime.serving.engine.interface import EngineProtocol
+from adapt_runtime.serving.sessions.store import SessionStoreProtocol
 
 ROOT = Path(__file__).resolve().parents[2]
 # adapt_runtime.serving is the serving/ folder (package-dir in pyproject): mypy gets the same layout from links
@@ -40,20 +40,20 @@ def _check(protocol: type, impl: type) -> None:
 
 
 def test_session_store_satisfies_protocol():
-    from adapt_runtime.serving.sessions import SessionStore
+    from adapt_runtime.serving.sessions.local_store import SessionStore
 
     _check(SessionStoreProtocol, SessionStore)
 
 
 def test_cluster_session_store_satisfies_protocol():
     pytest.importorskip("redis")
-    from adapt_runtime.serving.cluster.cluster_sessions import ClusterSessionStore
+    from adapt_runtime.serving.sessions.cluster_store import ClusterSessionStore
 
     _check(SessionStoreProtocol, ClusterSessionStore)
 
 
 def test_native_engine_satisfies_protocol():
-    from adapt_runtime.serving.engine import Engine
+    from adapt_runtime.serving.engine.native import Engine
 
     _check(EngineProtocol, Engine)
 

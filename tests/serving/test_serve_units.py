@@ -10,12 +10,12 @@ import os
 import pytest
 from adapt_runtime.serving.cli import _bytes, _seconds, main
 from adapt_runtime.serving.config import ServerConfig, parse_rule_config, read_api_key_file
-from adapt_runtime.serving.detokenize import Detokenizer, TextStream
-from adapt_runtime.serving.errors import http_error
+from adapt_runtime.serving.edge.errors import http_error
+from adapt_runtime.serving.edge.guard import ANONYMOUS, ApiKeys
+from adapt_runtime.serving.engine.detokenize import Detokenizer, TextStream
 from adapt_runtime.serving.failures import ServingError
-from adapt_runtime.serving.guard import ANONYMOUS, ApiKeys
-from adapt_runtime.serving.session_files import SessionFiles, SessionRecord, atomic_write
-from adapt_runtime.serving.sessions import SessionStore
+from adapt_runtime.serving.sessions.files import SessionFiles, SessionRecord, atomic_write
+from adapt_runtime.serving.sessions.local_store import SessionStore
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from adapt_runtime.serving.events import Event, PromptScored
+from adapt_runtime.serving.engine.events import Event, PromptScored
 
 if TYPE_CHECKING:
-    from adapt_runtime.serving.scheduler import Job
+    from adapt_runtime.serving.engine.scheduler import Job
 
 log = logging.getLogger("adapt_serve")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from adapt_runtime.serving.failures import Conflict, InvalidRequest, LimitReached, NotFound, Unavailable
-from adapt_runtime.serving.session_files import SESSION_ID, STAT_FIELDS, SessionFiles, SessionRecord, state_stats
+from adapt_runtime.serving.sessions.files import SESSION_ID, STAT_FIELDS, SessionFiles, SessionRecord, state_stats
 
 if TYPE_CHECKING:
     from adapt_runtime.state import FastWeights

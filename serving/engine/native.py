@@ -12,10 +12,10 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING
 
 from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
-from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.events import Done, Event, Failed
+from adapt_runtime.serving.engine.detokenize import Detokenizer
+from adapt_runtime.serving.engine.events import Done, Event, Failed
+from adapt_runtime.serving.engine.scheduler import Job, Prompt, Scheduler
 from adapt_runtime.serving.failures import InvalidRequest
-from adapt_runtime.serving.scheduler import Job, Prompt, Scheduler
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

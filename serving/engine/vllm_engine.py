@@ -39,13 +39,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
-from adapt_runtime.serving.detokenize import TextStream
-from adapt_runtime.serving.engine import Engine
-from adapt_runtime.serving.events import Done, Event, Failed, Finished, PromptScored, Token, TopLogprobs
+from adapt_runtime.serving.engine.detokenize import TextStream
+from adapt_runtime.serving.engine.events import Done, Event, Failed, Finished, PromptScored, Token, TopLogprobs
+from adapt_runtime.serving.engine.native import Engine
+from adapt_runtime.serving.engine.prompt_reader import Prompt
+from adapt_runtime.serving.engine.sampling import safe_settings
+from adapt_runtime.serving.engine.scheduler import Job
 from adapt_runtime.serving.failures import Unavailable
-from adapt_runtime.serving.prefill import Prompt
-from adapt_runtime.serving.sampling import safe_settings
-from adapt_runtime.serving.scheduler import Job
 
 import adapt_runtime as ar
 

@@ -21,10 +21,9 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from adapt_runtime.serving.context import ServerContext, principal_of
-from adapt_runtime.serving.failures import InvalidRequest, NotFound
-from adapt_runtime.serving.sessions import Session, check_session_id
-from fastapi import Request
+from adapt_runtime.serving.context import ServerContext
+from adapt_runtime.serving.failures import NotFound
+from adapt_runtime.serving.sessions.local_store import Session
 
 from adapt_runtime.checkpoint import Checkpoint
 
@@ -32,19 +31,6 @@ if TYPE_CHECKING:
     from adapt_runtime.state import FastWeights
 
 T = TypeVar("T")
-
-SESSION_HEADER = "X-Session-ID"
-
-
-def session_id_of(request: Request, body_id: str | None) -> str | None:
-    """The session named by the ``X-Session-ID`` header or the ``session_id`` field; 400 if they differ."""
-    header = request.headers.get(SESSION_HEADER)
-    if header is not None and body_id is not None and header != body_id:
-        raise InvalidRequest(f"the {SESSION_HEADER} header and the session_id field name different sessions",
-                             "session_id_mismatch", "session_id")
-    sid = header if header is not None else body_id
-    return None if sid is None else check_session_id(sid)
-
 
 class Turn:
     def __init__(self, ctx: ServerContext, session: Session | None, state: FastWeights, adapt: bool,
@@ -119,14 +105,12 @@ class Turn:
                 "refused_writes": state.refused_writes}
 
 
-async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, adapt: bool) -> Turn:
-    """Resolve the session and take the turn; 409 if the session is in another turn. An unknown id is 404 without
-    ``--auto-create-sessions``; with it (the default), the turn holds a fresh state and the id, and ``claim``
-    creates the session in the caller's namespace."""
-    sid = session_id_of(request, body_id)
+async def open_turn(ctx: ServerContext, owner: str, sid: str | None, adapt: bool) -> Turn:
+    """Take the turn on session ``sid`` of ``owner`` (None: a throwaway state); 409 if the session is in another
+    turn. An unknown id is 404 without ``--auto-create-sessions``; with it (the default), the turn holds a fresh
+    state and the id, and ``claim`` creates the session in the owner's namespace."""
     if sid is None:
         return Turn(ctx, None, ctx.engine.rt.new_state(), adapt)
-    owner = principal_of(request)
     try:
         session = ctx.store.get(owner, sid)
     except NotFound:
@@ -141,14 +125,14 @@ async def open_turn(ctx: ServerContext, request: Request, body_id: str | None, a
         raise
 
 
-async def start_turn(ctx: ServerContext, request: Request, body_id: str | None, adapt: bool,
+async def start_turn(ctx: ServerContext, owner: str, sid: str | None, adapt: bool,
                      plan: Callable[[Turn], T]) -> tuple[Turn, T]:
     """Admit a request, open its turn, plan its work with ``plan(turn)``, then create the session the turn
     names if it is new (so a plan that refuses the request creates nothing); if any step fails, what was taken
     is given back (the turn closed, the admission left) before the error propagates."""
     ctx.admit()
     try:
-        turn = await open_turn(ctx, request, body_id, adapt)
+        turn = await open_turn(ctx, owner, sid, adapt)
     except BaseException:
         ctx.leave()
         raise

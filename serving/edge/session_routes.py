@@ -6,9 +6,9 @@ import asyncio
 import re
 from typing import Annotated, Any
 
-from adapt_runtime.serving.context import ctx_of, principal_of
-from adapt_runtime.serving.errors import APIError
-from adapt_runtime.serving.protocol import SessionCreateRequest
+from adapt_runtime.serving.edge.errors import APIError
+from adapt_runtime.serving.edge.requests import ctx_of, principal_of
+from adapt_runtime.serving.edge.schemas import SessionCreateRequest
 from fastapi import APIRouter, Body, Request
 from starlette.responses import JSONResponse, Response
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 from adapt_runtime.serving.context import ServerContext, off_loop, text_size
-from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.errors import APIError
-from adapt_runtime.serving.events import PromptScored, Token
-from adapt_runtime.serving.generation import Generation, respond
-from adapt_runtime.serving.protocol import CompletionRequest
-from adapt_runtime.serving.read_routes import split_long_prompt
-from adapt_runtime.serving.sampling import SamplingParams
-from adapt_runtime.serving.scheduler import Job
-from adapt_runtime.serving.turn import Turn, session_id_of, start_turn
+from adapt_runtime.serving.edge.errors import APIError
+from adapt_runtime.serving.edge.read_routes import split_long_prompt
+from adapt_runtime.serving.edge.requests import principal_of, session_id_of
+from adapt_runtime.serving.edge.responses import Generation, respond
+from adapt_runtime.serving.edge.schemas import CompletionRequest
+from adapt_runtime.serving.engine.detokenize import Detokenizer
+from adapt_runtime.serving.engine.events import PromptScored, Token
+from adapt_runtime.serving.engine.sampling import SamplingParams
+from adapt_runtime.serving.engine.scheduler import Job
+from adapt_runtime.serving.sessions.turn import Turn, start_turn
 from fastapi import Request
 from starlette.responses import Response
 
@@ -59,7 +60,8 @@ async def create_completion(ctx: ServerContext, request: Request, body: Completi
         ctx.engine.check_length(len(ids), max_tokens)
     choices = len(prompts) * body.n
     ctx.check_work(choices, sum(len(ids) for ids, _ in prompts) + choices * max_tokens)
-    if session_id_of(request, body.session_id) is not None and (len(prompts) > 1 or body.n > 1):
+    sid = session_id_of(request, body.session_id)
+    if sid is not None and (len(prompts) > 1 or body.n > 1):
         raise APIError(400, "a session turn takes one prompt and n = 1; fork the session for alternatives",
                        "invalid_session_request", "n" if body.n > 1 else "prompt")
     params = sampling(body, max_tokens, body.logprobs)
@@ -70,7 +72,7 @@ async def create_completion(ctx: ServerContext, request: Request, body: Completi
         states = [turn.state] if turn.session_id is not None else [ctx.engine.rt.new_state() for _ in prompts]
         return [ctx.engine.plan(s, ids, body.echo, max_tokens) for s, (ids, _) in zip(states, prompts)]
 
-    turn, planned = await start_turn(ctx, request, body.session_id, body.adapt, plan)
+    turn, planned = await start_turn(ctx, principal_of(request), sid, body.adapt, plan)
     if long is not None and not await long.read(ctx, turn, request):
         return Response(status_code=499)
     job = Job(planned, body.n, params, body.adapt, ctx.engine.stop_ids(body.stop_token_ids, body.ignore_eos),

@@ -20,9 +20,9 @@ import zipfile
 import zlib
 from typing import Annotated, Any
 
-from adapt_runtime.serving.context import ctx_of, principal_of
-from adapt_runtime.serving.errors import APIError
-from adapt_runtime.serving.session_routes import replace_state
+from adapt_runtime.serving.edge.errors import APIError
+from adapt_runtime.serving.edge.requests import ctx_of, principal_of
+from adapt_runtime.serving.edge.session_routes import replace_state
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
-from adapt_runtime.serving.detokenize import Detokenizer, TextStream
-from adapt_runtime.serving.events import Done, Event, Failed, Finished, Token
-from adapt_runtime.serving.prefill import Prompt, PromptReader
-from adapt_runtime.serving.sampling import SamplingParams, draw, sample_token, top_logprobs
+from adapt_runtime.serving.engine.detokenize import Detokenizer, TextStream
+from adapt_runtime.serving.engine.events import Done, Event, Failed, Finished, Token
+from adapt_runtime.serving.engine.prompt_reader import Prompt, PromptReader
+from adapt_runtime.serving.engine.sampling import SamplingParams, draw, sample_token, top_logprobs
 
 log = logging.getLogger("adapt_serve")
 

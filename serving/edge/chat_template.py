@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapt_runtime.serving.edge.schemas import ChatMessage
 from adapt_runtime.serving.failures import InvalidRequest
-from adapt_runtime.serving.protocol import ChatMessage
 
 _ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 

@@ -20,16 +20,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from adapt_runtime.serving.context import ServerContext, ctx_of, off_loop
-from adapt_runtime.serving.errors import APIError, http_error
-from adapt_runtime.serving.events import Failed, PromptScored
+from adapt_runtime.serving.context import ServerContext, off_loop
+from adapt_runtime.serving.edge.errors import APIError, http_error
+from adapt_runtime.serving.edge.requests import SESSION_HEADER, ctx_of, principal_of, session_id_of
+from adapt_runtime.serving.edge.responses import as_api_error
+from adapt_runtime.serving.edge.schemas import ReadRequest
+from adapt_runtime.serving.edge.sse import DONE, frame, race_disconnect
+from adapt_runtime.serving.engine.events import Failed, PromptScored
+from adapt_runtime.serving.engine.sampling import SamplingParams
+from adapt_runtime.serving.engine.scheduler import Job, Prompt
 from adapt_runtime.serving.failures import ServingError
-from adapt_runtime.serving.generation import as_api_error
-from adapt_runtime.serving.protocol import ReadRequest
-from adapt_runtime.serving.sampling import SamplingParams
-from adapt_runtime.serving.scheduler import Job, Prompt
-from adapt_runtime.serving.sse import DONE, frame, race_disconnect
-from adapt_runtime.serving.turn import SESSION_HEADER, Turn, session_id_of, start_turn
+from adapt_runtime.serving.sessions.turn import Turn, start_turn
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -130,7 +131,8 @@ async def read_document(request: Request, session_id: str, body: ReadRequest) ->
         ids = await off_loop(len(text), lambda: ctx.engine.encode(text, add_special_tokens=body.add_special_tokens))
     check_read_length(ctx, len(ids), "tokens" if body.tokens is not None else "text")
     window = read_window(ctx, body.window)
-    turn, _ = await start_turn(ctx, request, session_id, True, lambda _: None)
+    turn, _ = await start_turn(ctx, principal_of(request), session_id_of(request, session_id), True,
+                               lambda _: None)
     reading = DocumentRead(ctx, turn, ids, window)
     headers = {SESSION_HEADER: turn.session_id or session_id}
     if body.stream:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from adapt_runtime.serving.errors import SlowClient, envelope_bytes, is_slow_client
+from adapt_runtime.serving.edge.errors import SlowClient, envelope_bytes, is_slow_client
 
 log = logging.getLogger("adapt_serve")
 PUBLIC_PATHS = frozenset({"/health"})

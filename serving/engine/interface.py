@@ -12,10 +12,10 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from adapt_runtime.serving.detokenize import Detokenizer
-    from adapt_runtime.serving.events import Event
-    from adapt_runtime.serving.prefill import Prompt
-    from adapt_runtime.serving.scheduler import Job
+    from adapt_runtime.serving.engine.detokenize import Detokenizer
+    from adapt_runtime.serving.engine.events import Event
+    from adapt_runtime.serving.engine.prompt_reader import Prompt
+    from adapt_runtime.serving.engine.scheduler import Job
     from transformers import PreTrainedTokenizerBase
 
     from adapt_runtime.runtime import Runtime

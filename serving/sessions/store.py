@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from adapt_runtime.serving.sessions import Session
+    from adapt_runtime.serving.sessions.local_store import Session
 
     from adapt_runtime.state import FastWeights
 

@@ -10,23 +10,24 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from adapt_runtime.serving.adapter_routes import is_adapter_route
-from adapt_runtime.serving.adapter_routes import router as adapter_router
-from adapt_runtime.serving.chat import chat_prompt, create_chat_completion
-from adapt_runtime.serving.completions import create_completion
-from adapt_runtime.serving.context import ServerContext, ctx_of, describe_runtime, off_loop, text_size
-from adapt_runtime.serving.errors import APIError, install_error_handlers
-from adapt_runtime.serving.guard import ApiKeys, Guard
-from adapt_runtime.serving.protocol import (
+from adapt_runtime.serving.context import ServerContext, describe_runtime, off_loop, text_size
+from adapt_runtime.serving.edge.adapter_routes import is_adapter_route
+from adapt_runtime.serving.edge.adapter_routes import router as adapter_router
+from adapt_runtime.serving.edge.chat import chat_prompt, create_chat_completion
+from adapt_runtime.serving.edge.completions import create_completion
+from adapt_runtime.serving.edge.errors import APIError, install_error_handlers
+from adapt_runtime.serving.edge.guard import ApiKeys, Guard
+from adapt_runtime.serving.edge.read_routes import router as read_router
+from adapt_runtime.serving.edge.requests import ctx_of
+from adapt_runtime.serving.edge.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
-from adapt_runtime.serving.read_routes import router as read_router
-from adapt_runtime.serving.session_routes import is_state_route
-from adapt_runtime.serving.session_routes import router as session_router
-from adapt_runtime.serving.sessions import SessionStore
+from adapt_runtime.serving.edge.session_routes import is_state_route
+from adapt_runtime.serving.edge.session_routes import router as session_router
+from adapt_runtime.serving.sessions.local_store import SessionStore
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 

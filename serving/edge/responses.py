@@ -17,13 +17,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 from adapt_runtime.serving.context import ServerContext, system_fingerprint
-from adapt_runtime.serving.errors import APIError, http_error
-from adapt_runtime.serving.events import Done, Failed, Finished, PromptScored, Token
+from adapt_runtime.serving.edge.errors import APIError, http_error
+from adapt_runtime.serving.edge.requests import SESSION_HEADER
+from adapt_runtime.serving.edge.schemas import StreamOptions
+from adapt_runtime.serving.edge.sse import DONE, ClosingStream, frame, race_disconnect
+from adapt_runtime.serving.engine.events import Done, Failed, Finished, PromptScored, Token
+from adapt_runtime.serving.engine.scheduler import Job
 from adapt_runtime.serving.failures import ServingError
-from adapt_runtime.serving.protocol import StreamOptions
-from adapt_runtime.serving.scheduler import Job
-from adapt_runtime.serving.sse import DONE, ClosingStream, frame, race_disconnect
-from adapt_runtime.serving.turn import SESSION_HEADER, Turn
+from adapt_runtime.serving.sessions.turn import Turn
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from adapt_runtime.serving.completions import sampling
 from adapt_runtime.serving.context import ServerContext, off_loop, text_size
-from adapt_runtime.serving.detokenize import Detokenizer
-from adapt_runtime.serving.errors import APIError
-from adapt_runtime.serving.events import PromptScored, Token
-from adapt_runtime.serving.generation import Generation, respond
-from adapt_runtime.serving.protocol import ChatCompletionRequest, ChatMessage
-from adapt_runtime.serving.read_routes import split_long_prompt
-from adapt_runtime.serving.scheduler import Job
-from adapt_runtime.serving.turn import Turn, session_id_of, start_turn
+from adapt_runtime.serving.edge.completions import sampling
+from adapt_runtime.serving.edge.errors import APIError
+from adapt_runtime.serving.edge.read_routes import split_long_prompt
+from adapt_runtime.serving.edge.requests import principal_of, session_id_of
+from adapt_runtime.serving.edge.responses import Generation, respond
+from adapt_runtime.serving.edge.schemas import ChatCompletionRequest, ChatMessage
+from adapt_runtime.serving.engine.detokenize import Detokenizer
+from adapt_runtime.serving.engine.events import PromptScored, Token
+from adapt_runtime.serving.engine.scheduler import Job
+from adapt_runtime.serving.sessions.turn import Turn, start_turn
 from fastapi import Request
 from starlette.responses import Response
 
@@ -31,7 +32,8 @@ async def create_chat_completion(ctx: ServerContext, request: Request, body: Cha
     max_tokens = requested if requested is not None else max(ctx.engine.max_len - len(ids), 0)
     ctx.engine.check_length(len(ids), max_tokens)
     ctx.check_work(body.n, len(ids) + body.n * max_tokens)
-    if session_id_of(request, body.session_id) is not None and body.n > 1:
+    sid = session_id_of(request, body.session_id)
+    if sid is not None and body.n > 1:
         raise APIError(400, "a session turn takes n = 1; fork the session for alternatives",
                        "invalid_session_request", "n")
     k = (body.top_logprobs or 0) if body.logprobs else None
@@ -42,7 +44,7 @@ async def create_chat_completion(ctx: ServerContext, request: Request, body: Cha
             long.prepare(turn)
         return [ctx.engine.plan(turn.state, ids, False, max_tokens)]
 
-    turn, planned = await start_turn(ctx, request, body.session_id, body.adapt, plan)
+    turn, planned = await start_turn(ctx, principal_of(request), sid, body.adapt, plan)
     if long is not None and not await long.read(ctx, turn, request):
         return Response(status_code=499)
     job = Job(planned, body.n, params, body.adapt, ctx.engine.stop_ids(body.stop_token_ids, body.ignore_eos),

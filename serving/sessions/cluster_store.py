@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, cast
 from adapt_runtime.serving.cluster.lease import Lease, LeaseBusy, StoreUnavailable
 from adapt_runtime.serving.cluster.state_store import CommitRejected, StateStore
 from adapt_runtime.serving.failures import Conflict, LimitReached, NotFound, Unavailable
-from adapt_runtime.serving.session_files import SessionRecord
-from adapt_runtime.serving.sessions import Session, check_session_id, new_session_id
+from adapt_runtime.serving.sessions.files import SessionRecord
+from adapt_runtime.serving.sessions.local_store import Session, check_session_id, new_session_id
 
 if TYPE_CHECKING:
     from adapt_runtime.state import FastWeights
