@@ -1,5 +1,5 @@
-"""HTTP lives at the edge: engine and session code raise domain errors (``serving/failures.py``), and only modules
-that speak HTTP (those that import fastapi or starlette) build HTTP errors; one table maps the rest."""
+"""HTTP lives at the edge: engine and session code raise domain errors (``serving/failures.py``), only the edge
+packages import fastapi or starlette, and only modules that speak HTTP build HTTP errors; one table maps the rest."""
 
 from __future__ import annotations
 
@@ -42,6 +42,23 @@ def test_http_errors_are_built_only_at_the_edge(path: Path) -> None:
 def test_a_module_that_runs_the_model_speaks_no_http(path: Path) -> None:
     imports = _imports(ast.parse(path.read_text()))
     assert not ("torch" in imports and imports & set(WEB)), f"{path.name} imports torch and {imports & set(WEB)}"
+
+
+# The HTTP fronts: the OpenAI edge package, and the cluster's ingress (it forwards HTTP to the engine replicas).
+EDGES = ("edge/", "cluster/ingress.py")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SERVING)))
+def test_only_the_edge_packages_speak_http(path: Path) -> None:
+    where = path.relative_to(SERVING).as_posix()
+    web = _imports(ast.parse(path.read_text())) & set(WEB)
+    assert not web or where.startswith(EDGES), f"{where} imports {web} outside the edge ({EDGES})"
+
+
+def test_the_packages_say_what_they_own() -> None:
+    for package in ("edge", "engine", "sessions", "cluster"):
+        doc = ast.get_docstring(ast.parse((SERVING / package / "__init__.py").read_text()))
+        assert doc and len(doc.split()) > 10, f"serving/{package}/__init__.py says nothing of what it owns"
 
 
 def test_the_domain_errors_module_knows_no_http() -> None:
