@@ -58,7 +58,7 @@ def assemble(states: list[FastWeights], steps: int, device: torch.device) -> Bat
 def _layer(states: list[FastWeights], lengths: list[int], width: int, steps: int, i: int) -> AppendLayer:
     """Layer ``i`` of the call: the rows' buffer continued in place when they are its consecutive rows, each ending
     where it is filled; otherwise a copy (one row: copied on its first update, or concatenated under autograd)."""
-    spans = [span_of(*s.kv[i]) if n else None for s, n in zip(states, lengths)]
+    spans = [span_of(*_kv(s)[i]) if n else None for s, n in zip(states, lengths)]
     first = spans[0]
     if first is not None and all(
         sp is not None and sp.buffer is first.buffer and sp.row == first.row + b and sp.end == first.buffer.filled
@@ -66,21 +66,28 @@ def _layer(states: list[FastWeights], lengths: list[int], width: int, steps: int
     ):
         return AppendLayer.over(first.buffer, first.row, first.row + len(states), first.buffer.filled - width)
     if len(states) == 1:
-        return AppendLayer.holding(*states[0].kv[i])
-    ref_k, ref_v = next(s.kv[i] for s in states if s.kv)
+        return AppendLayer.holding(*_kv(states[0])[i])
+    ref_k, ref_v = next(_kv(s)[i] for s in states if s.kv)
     buffer = KVBuffer(ref_k, ref_v, len(states), capacity_for(width + steps))
     for b, (s, n) in enumerate(zip(states, lengths)):
         if n:  # left-padded: the row's entries end at the common width
-            buffer.keys[b, :, width - n : width] = s.kv[i][0][0]
-            buffer.values[b, :, width - n : width] = s.kv[i][1][0]
+            buffer.keys[b, :, width - n : width] = _kv(s)[i][0][0]
+            buffer.values[b, :, width - n : width] = _kv(s)[i][1][0]
     buffer.filled = width
     return AppendLayer.over(buffer, 0, len(states), 0)
+
+
+def _kv(state: FastWeights) -> list[tuple[Tensor, Tensor]]:
+    """The state's cache, which a row with cached positions has."""
+    if state.kv is None:
+        raise ValueError("the state holds no KV cache")
+    return state.kv
 
 
 def _check_rows(states: list[FastWeights], lengths: list[int]) -> None:
     """A clear error unless every layer of every row holds the row's ``kv_len`` positions."""
     for s, n in zip(states, lengths):
-        if n and any(int(k.shape[-2]) != n or int(v.shape[-2]) != n for k, v in s.kv):
+        if n and any(int(k.shape[-2]) != n or int(v.shape[-2]) != n for k, v in _kv(s)):
             raise ValueError(f"a row's KV layers do not all hold its {n} cached positions (a cache trimmed to a "
                              "sliding window?); call state.drop_kv() to continue with the fast weights alone")
 

@@ -122,10 +122,16 @@ class AppendLayer(DynamicLayer):
         self.is_initialized = True
 
     def _expose(self) -> None:
-        buf = self.buffer
+        buf = self._held()
         self.keys = buf.keys[self.r0 : self.r1, :, self.start : self.end]
         self.values = buf.values[self.r0 : self.r1, :, self.start : self.end]
         self._exposed = self.keys
+
+    def _held(self) -> KVBuffer:
+        """The buffer this layer's entries live in (set by ``_regrow`` before any append)."""
+        if self.buffer is None:
+            raise RuntimeError("the layer holds no KV buffer")
+        return self.buffer
 
     def _appendable(self, key_states: Tensor, value_states: Tensor, steps: int) -> bool:
         buf = self.buffer
@@ -146,7 +152,7 @@ class AppendLayer(DynamicLayer):
             return self.keys, self.values
         if not self._appendable(key_states, value_states, steps):
             self._regrow(key_states, value_states, steps)
-        buf, end = self.buffer, self.end
+        buf, end = self._held(), self.end
         buf.keys[self.r0 : self.r1, :, end : end + steps] = key_states
         buf.values[self.r0 : self.r1, :, end : end + steps] = value_states
         self.end = buf.filled = end + steps

@@ -183,7 +183,7 @@ def lora_files(rt: Runtime, state: FastWeights, rank: int | None = None) -> Lora
         name = module_name(rt, layer)
         tensors[weight_key(name, "lora_A.weight")] = factors[layer][1]
         tensors[weight_key(name, "lora_B.weight")] = factors[layer][0]
-    config = {
+    config: dict[str, object] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name(rt),

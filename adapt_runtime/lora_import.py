@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from adapt_runtime.runtime import Runtime
 
 # PEFT options (with the value that means "off") that change what the adapter computes beyond (alpha/r) B A x
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "modules_to_save": None, "alpha_pattern": {},
+_UNSUPPORTED: dict[str, object] = {"use_dora": False, "lora_bias": False, "modules_to_save": None, "alpha_pattern": {},
                 "rank_pattern": {}, "target_parameters": None, "trainable_token_indices": None,
                 "layer_replication": None, "use_qalora": False, "megatron_config": None}
 
@@ -197,12 +197,12 @@ def _split_key(key: str) -> tuple[str, str]:
                                 "(DoRA magnitudes, embedding adapters and biases are not supported)")
 
 
-def _as_factors(rt: Runtime, module: str, layer: int, B: Tensor, A: Tensor, scale: float
+def _as_factors(rt: Runtime, module: str, layer: int, B: Tensor, A: Tensor, scale: float, rank: int
                 ) -> tuple[Tensor, Tensor] | None:
     """A rank-r runtime's factors ``(scale B, A)`` of one module, without the components that contribute nothing;
-    None when none is left."""
+    None when none is left. ``rank``: the runtime's state rank."""
     spec = rt.state_spec
-    rank, shape = spec.state_rank, spec.shapes[spec.layers.index(layer)]
+    shape = spec.shapes[spec.layers.index(layer)]
     B = (B.to(torch.float64) * scale).to(torch.float32)  # exact for scale 1 and a float32 B
     A = A.to(torch.float32)
     keep = B.any(dim=0) & A.any(dim=1)
@@ -264,7 +264,7 @@ def lora_from_files(rt: Runtime, config_bytes: bytes, weights_bytes: bytes) -> F
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise LoraFormatError(f"module {module!r} holds non-finite weights")
         if spec.state_rank is not None:
-            held = _as_factors(rt, module, layer, B, A, scale)
+            held = _as_factors(rt, module, layer, B, A, scale, spec.state_rank)
             if held is not None:
                 state.factors[layer] = held
             continue

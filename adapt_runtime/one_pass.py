@@ -293,7 +293,7 @@ class OnePass:
             return False  # step options read the state across layers' semantics: the segment path takes them
         if not bool(write_bound(w).to(S.device) <= OVERFLOW_GUARD):  # refused in every layer there (NaN too)
             return False
-        decay = self.decay if getattr(w, "decay", None) is None else w.decay
+        decay = self.decay if w.decay is None else w.decay
         max_norm = None if self.clip is None else torch.tensor([self.clip * self.w0_norm[i]], device=S.device)
         kernels.write(S, slot, w.V[None], w.X[None], w.beta[None], decay, max_norm)
         if self.norm_bound is not None:

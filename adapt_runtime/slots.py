@@ -40,7 +40,7 @@ class SlotPool:
         self.spec, self.max_slots = spec, max_slots
         self.slabs: dict[int, Tensor] = {}
         self.factor_slabs: dict[int, tuple[Tensor, Tensor]] = {}  # state_rank: per layer (B [N, d, r], A [N, r, f])
-        self._owner: list[weakref.ref | None] = []
+        self._owner: list[weakref.ref[FastWeights] | None] = []
         self._views: list[dict[int, Tensor]] = []  # per slot: the view of each layer's row handed to the state
         self._zero: list[set[int]] = []  # per slot: layers whose row is known to hold zeros
         self._used: list[int] = []  # per slot: the bind counter when last bound (least recently used first out)
@@ -111,7 +111,7 @@ class SlotPool:
         for layer, view in self._views[k].items():
             state.before_change(view)  # the slot goes to another state: a checkpoint keeps its own copy
             if state.S.get(layer) is view:
-                state.S[layer] = view.clone()
+                state.S[layer] = torch.clone(view)
         self._free(k)
 
     def trim(self) -> None:
@@ -121,7 +121,7 @@ class SlotPool:
             for layer, slab in list(self.slabs.items()):
                 self.slabs[layer] = slab[live].clone() if live else slab[:0].clone()
                 for j, k in enumerate(live):
-                    owner, view = self._owner[k](), self._views[k].get(layer)
+                    owner, view = self._owner_of(k), self._views[k].get(layer)
                     if view is not None and owner.S.get(layer) is view:
                         owner.S[layer] = self._views[k][layer] = self.slabs[layer][j]
                     elif view is not None:
@@ -129,7 +129,7 @@ class SlotPool:
             for layer, pair in list(self.factor_slabs.items()):
                 self.factor_slabs[layer] = tuple(t[live].clone() if live else t[:0].clone() for t in pair)
         for j, k in enumerate(live):
-            self._slot_of[self._owner[k]()] = j
+            self._slot_of[self._owner_of(k)] = j
         self._owner = [self._owner[k] for k in live]
         self._views = [self._views[k] for k in live]
         self._zero = [self._zero[k] for k in live]
@@ -186,9 +186,17 @@ class SlotPool:
         if self.max_slots is None or self.capacity < self.max_slots:
             return self._grow(1)
         in_call = {id(s) for s in call}
-        k = min((k for k in range(self.capacity) if id(self._owner[k]()) not in in_call), key=self._used.__getitem__)
-        self.evict(self._owner[k]())
+        k = min((k for k in range(self.capacity) if id(self._owner_of(k)) not in in_call), key=self._used.__getitem__)
+        self.evict(self._owner_of(k))
         return k
+
+    def _owner_of(self, k: int) -> FastWeights:
+        """The state bound to slot ``k``, which must be live (its owner alive)."""
+        ref = self._owner[k]
+        owner = ref() if ref is not None else None
+        if owner is None:
+            raise RuntimeError(f"slot {k} is free: it has no owner")
+        return owner
 
     def _is_free(self, k: int) -> bool:
         owner = self._owner[k]
@@ -210,7 +218,8 @@ class SlotPool:
                 self.slabs[layer] = grown
                 for k in range(old):
                     view = self._views[k].get(layer)
-                    owner = self._owner[k]() if self._owner[k] is not None else None
+                    ref = self._owner[k]
+                    owner = ref() if ref is not None else None
                     if view is None:
                         continue
                     if owner is not None and owner.S.get(layer) is view:

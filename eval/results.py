@@ -38,6 +38,7 @@ def _collect(samples: Iterable[dict[str, Any]], curves: bool) -> dict[Cell, dict
     cells: dict[Cell, dict[str, dict[int, float]]] = {}
     for s in samples:
         base = (s["task"], s["variant"], s["shots"], s["ctx_len"])
+        items: list[tuple[Cell, float | None]]
         if curves:
             items = [((*base, c, x), v) for c, pts in s.get("curves", {}).items() for x, v in pts.items()]
         else:

@@ -78,7 +78,7 @@ def score_episode(rt: Any, state: Any, ep: Episode, adapt: bool, window: int | N
     tokens = list(ep.tokens)
     n = len(tokens)
     nll = np.full(n, np.nan)
-    top1 = np.zeros(n, dtype=bool)
+    top1: np.ndarray = np.zeros(n, dtype=bool)
     mc = {q.start: q for q in ep.queries if len(q.candidates) > 1}
     cuts = sorted({0, n, *ep.breaks, *mc})
     breaks = set(ep.breaks)
@@ -117,7 +117,7 @@ def _score_frozen_turns(rt: Any, state: Any, ep: Episode, window: int | None) ->
     tokens = list(ep.tokens)
     n = len(tokens)
     nll = np.full(n, np.nan)
-    top1 = np.zeros(n, dtype=bool)
+    top1: np.ndarray = np.zeros(n, dtype=bool)
     cuts = sorted({0, n, *ep.breaks})
     for a, b in zip(cuts, cuts[1:]):
         if a in ep.breaks:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 # Two-sided 95% quantiles of Student's t for df = 1..30 (standard table values).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -62,7 +65,7 @@ def mean_ci(values: Iterable[float]) -> Estimate:
     return Estimate(mean, se, (mean - half, mean + half), n)
 
 
-def paired_delta(base: Mapping[Hashable, float], other: Mapping[Hashable, float]) -> Estimate:
+def paired_delta(base: Mapping[K, float], other: Mapping[K, float]) -> Estimate:
     """Mean of other[k] - base[k] over the keys both hold with finite values, with its 95% CI."""
     diffs = []
     for k, b in base.items():

@@ -23,7 +23,7 @@ if __name__ == "kernels":  # pragma: no cover - exercised in a subprocess from t
         # No distribution of that name: be what this folder would be without an __init__.py, an empty namespace
         # package (no file, no version, nothing to import), which is how transformers tells a stray folder on
         # sys.path from an install.
-        __file__ = None
+        __file__ = None  # type: ignore[assignment]  # an empty namespace module has no file
         __path__ = []
     else:
         _module = importlib.util.module_from_spec(_spec)

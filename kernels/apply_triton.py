@@ -109,7 +109,7 @@ def apply_triton(y: Tensor, x: Tensor, S: Tensor, slots: Tensor, offsets: Tensor
     rows = slots.numel()
     t_blocks = 1
     block_t = t.block_t
-    if not decode:
+    if offsets is not None:  # prefill
         longest = int((offsets[1:] - offsets[:-1]).max())
         block_t = min(block_t, max(16, triton.next_power_of_2(longest)))
         t_blocks = max(1, triton.cdiv(longest, block_t))

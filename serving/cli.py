@@ -9,12 +9,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import click
 from adapt_runtime.serving.cluster.cli_ray import cluster_options, cluster_server
 from adapt_runtime.serving.config import ServerConfig, parse_rule_config, read_api_key_file
+from adapt_runtime.serving.types import CliOptions
 
+F = TypeVar("F", bound=Callable[..., object])
 _SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30}
 
 
@@ -86,13 +88,13 @@ class Duration(click.ParamType):
         return float(value) if isinstance(value, (int, float)) else _seconds(str(value))
 
 
-def _option(f: dataclasses.Field) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _option(f: dataclasses.Field) -> Callable[[F], F]:
     """The ``adapt-serve`` option of one ``ServerConfig`` field: its name, default and help come from the field."""
     meta, kind = f.metadata, f.metadata.get("kind")
     flag = meta.get("flag") or "--" + f.name.replace("_", "-")
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]  # stubs: MISSING or a factory
     shown = meta.get("shown")  # a size or duration as written (it parses back to ``default``: tests)
-    kwargs: dict[str, Any] = {"help": meta["help"], "metavar": meta.get("metavar"),
+    kwargs: CliOptions = {"help": meta["help"], "metavar": meta.get("metavar"),
                               "default": default if shown is None else shown, "show_default": default is not None}
     if kind == "switch":
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, **kwargs)
@@ -117,7 +119,7 @@ def _option(f: dataclasses.Field) -> Callable[[Callable[..., Any]], Callable[...
     return click.option(flag, f.name, **kwargs)
 
 
-def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def config_options(fn: F) -> F:
     """One option per ``ServerConfig`` field, in the dataclass's order."""
     for f in reversed(dataclasses.fields(ServerConfig)):
         fn = _option(f)(fn)
@@ -125,7 +127,7 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_config(api_keys: tuple[str, ...], api_key_file: Path | None, rule_config: dict | None,
-                 options: dict[str, Any]) -> ServerConfig:
+                 options: CliOptions) -> ServerConfig:
     """The ``ServerConfig`` of parsed options: keys from the flags, ``ADAPT_SERVE_API_KEY`` and the key file."""
     keys = list(api_keys)
     if os.environ.get("ADAPT_SERVE_API_KEY"):

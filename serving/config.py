@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
+
+from adapt_runtime.serving.types import JsonObject
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per decode step (see benchmarks/prefill_interleave.py)
 
+T = TypeVar("T")
 
-def knob(default: Any, help: str, *, kind: str | None = None, flag: str | None = None, metavar: str | None = None,
-         shown: str | None = None) -> Any:
+
+def knob(default: T, help: str, *, kind: str | None = None, flag: str | None = None, metavar: str | None = None,
+         shown: str | None = None) -> T:
     """A ``ServerConfig`` field with its one help text; ``adapt-serve`` makes its option from it.
 
     ``kind`` says how the command line reads it when not from the type alone: ``bytes`` (512K, 2M), ``duration``
@@ -21,7 +25,7 @@ def knob(default: Any, help: str, *, kind: str | None = None, flag: str | None =
     """
     meta = {"help": help, "kind": kind, "flag": flag, "metavar": metavar, "shown": shown}
     if isinstance(default, dict):
-        return field(default_factory=dict, metadata=meta)
+        return field(default_factory=dict, metadata=meta)  # type: ignore[return-value]  # an empty dict is a T
     return field(default=default, metadata=meta)
 
 
@@ -35,7 +39,7 @@ class ServerConfig:
     rule: str = knob("hebbian", "How each session's fast weights learn while it reads; 'none' serves the plain "
                      "model. Any rule in the registry: adapt_runtime.rules.RULES, and packages' "
                      "'adapt_runtime.rules' entry points.", kind="rule")
-    rule_config: dict[str, Any] = knob({}, 'Rule settings as a JSON object, e.g. \'{"lr": 0.01, "chunk_size": 32, '
+    rule_config: JsonObject = knob({}, 'Rule settings as a JSON object, e.g. \'{"lr": 0.01, "chunk_size": 32, '
                                        '"layers": "last:2"}\'.', kind="json", metavar="JSON")
     host: str = knob("127.0.0.1", "Interface to bind. The default answers only this machine; use 0.0.0.0 with "
                      "--api-key.")
@@ -94,7 +98,7 @@ class ServerConfig:
                        "vLLM installed and --state-rank R; README, 'vLLM engine').", kind="choice:native|vllm")
     vllm_max_loras: int = knob(8, "With --engine vllm: distinct session adapters in one vLLM batch (vLLM's "
                                "max_loras; it keeps twice as many loaded).")
-    vllm_options: dict[str, Any] = knob({}, "With --engine vllm: more vLLM engine arguments as a JSON object "
+    vllm_options: JsonObject = knob({}, "With --engine vllm: more vLLM engine arguments as a JSON object "
                                         "(vLLM's AsyncEngineArgs), e.g. '{\"gpu_memory_utilization\": 0.5}'.",
                                         kind="json", metavar="JSON")
 
@@ -140,7 +144,7 @@ class ServerConfig:
         return max(1, self.max_sessions // 4) if len(self.api_keys) > 1 else self.max_sessions
 
     @property
-    def patch_options(self) -> dict[str, Any]:
+    def patch_options(self) -> JsonObject:
         """The keyword arguments of ``ar.patch`` besides the rule: the rule config, with ``state_rank``."""
         options = dict(self.rule_config)
         if self.state_rank is not None:
@@ -153,7 +157,7 @@ class ServerConfig:
         return self.served_model_name or self.model
 
 
-def parse_rule_config(text: str | None) -> dict[str, Any]:
+def parse_rule_config(text: str | None) -> JsonObject:
     """``--rule-config '{"lr": 0.01}'`` -> dict; a clear ValueError for anything but a JSON object."""
     if not text:
         return {}

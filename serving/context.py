@@ -6,12 +6,13 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from adapt_runtime.serving.config import ServerConfig
 from adapt_runtime.serving.edge.chat_template import ChatTemplate
 from adapt_runtime.serving.failures import InvalidRequest, LimitReached, NotFound
 from adapt_runtime.serving.metrics import Metrics
+from adapt_runtime.serving.types import JsonObject
 
 if TYPE_CHECKING:
     from adapt_runtime.serving.engine.interface import EngineProtocol
@@ -67,7 +68,7 @@ class ServerContext:
                                  "too_many_tokens", "max_tokens")
 
 
-async def off_loop(chars: int, fn: Callable[..., T], *args: Any) -> T:
+async def off_loop(chars: int, fn: Callable[..., T], *args: object) -> T:
     """``fn(*args)`` (tokenizer work on ``chars`` characters): inline when small, else on a worker thread, so a
     large prompt does not stall the event loop (and every other client) while it is tokenised."""
     if chars <= OFF_LOOP_CHARS:
@@ -75,7 +76,7 @@ async def off_loop(chars: int, fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
-def text_size(value: Any) -> int:
+def text_size(value: object) -> int:
     """Characters of text (or token ids) in a prompt or a list of messages."""
     if isinstance(value, str):
         return len(value)
@@ -94,7 +95,7 @@ def system_fingerprint(ctx: ServerContext) -> str:
     return f"adapt-serve-{__version__}-{ctx.config.rule}"
 
 
-def describe_runtime(rt: Runtime) -> dict[str, Any]:
+def describe_runtime(rt: Runtime) -> JsonObject:
     try:
         return rt.config.to_dict()
     except AttributeError:

@@ -1,6 +1,6 @@
 """What went wrong, in the serving domain's words: the errors that session, engine and request-checking code raise.
 
-No HTTP here. The edge (``errors.py``) maps each kind to a status code and the OpenAI error envelope in one table;
+No HTTP here. The edge (``edge/errors.py``) maps each kind to a status code and the OpenAI error envelope in one table;
 the same error raised under ``adapt-serve --ray`` or in-process is answered the same way.
 """
 

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from adapt_runtime.serving.config import ServerConfig
@@ -15,10 +15,9 @@ from adapt_runtime.serving.context import ServerContext
 from adapt_runtime.serving.edge.app import build_app
 from adapt_runtime.serving.edge.chat_template import ChatTemplate
 from adapt_runtime.serving.edge.header_deadline import with_header_timeout
-from adapt_runtime.serving.edge.session_routes import decode_state
 from adapt_runtime.serving.engine.native import Engine
 from adapt_runtime.serving.metrics import Metrics
-from adapt_runtime.serving.sessions.files import SessionFiles
+from adapt_runtime.serving.sessions.files import SessionFiles, decode_state
 from adapt_runtime.serving.sessions.local_store import SessionStore
 
 import adapt_runtime as ar
@@ -26,6 +25,7 @@ import adapt_runtime as ar
 if TYPE_CHECKING:
     from adapt_runtime.serving.engine.interface import EngineProtocol
     from adapt_runtime.serving.sessions.store import SessionStoreProtocol
+    from transformers import PreTrainedTokenizerBase
 
     from adapt_runtime.runtime import Runtime
 
@@ -76,7 +76,8 @@ def create_context(config: ServerConfig,
     return ctx
 
 
-def make_engine(config: ServerConfig, runtime: Runtime, tokenizer: Any, metrics: Metrics) -> EngineProtocol:
+def make_engine(config: ServerConfig, runtime: Runtime, tokenizer: PreTrainedTokenizerBase,
+                metrics: Metrics) -> EngineProtocol:
     """The engine ``--engine`` names: the native scheduler, or vLLM generating with the runtime learning."""
     if config.engine == "vllm":
         from adapt_runtime.serving.engine.vllm_engine import VllmEngine
@@ -95,7 +96,7 @@ def serve(config: ServerConfig, log_level: str = "info") -> None:
     """Build the app and serve it until interrupted."""
     import uvicorn
 
-    app: Any = build_app(create_context(config))
+    app = build_app(create_context(config))
     if not config.api_keys:
         log.warning("no --api-key given: every route is open to anyone who can reach %s:%d", config.host,
                     config.port)

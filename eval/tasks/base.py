@@ -57,7 +57,7 @@ class Task(Protocol):
 
 def span_mean(values: np.ndarray, span: tuple[int, int]) -> float:
     """Mean over the finite values in [a, b); NaN for an empty span."""
-    seg = values[span[0] : span[1]].astype(float)
+    seg: np.ndarray = values[span[0] : span[1]].astype(float)
     seg = seg[np.isfinite(seg)]
     return float(seg.mean()) if seg.size else math.nan
 

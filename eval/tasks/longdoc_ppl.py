@@ -58,9 +58,9 @@ class LongdocPpl:
         lin: dict[str, list[float]] = {}
         for p in range(1, n):
             if np.isfinite(nll[p]):
-                log2.setdefault(log2_bucket(p), []).append(nll[p])
+                log2.setdefault(log2_bucket(p), []).append(float(nll[p]))
                 lo = (p // LINEAR) * LINEAR
-                lin.setdefault(f"{lo}-{lo + LINEAR - 1}", []).append(nll[p])
+                lin.setdefault(f"{lo}-{lo + LINEAR - 1}", []).append(float(nll[p]))
         m.curves["nll_by_pos_log2"] = {k: float(np.mean(v)) for k, v in log2.items()}
         m.curves["nll_by_pos_linear"] = {k: float(np.mean(v)) for k, v in lin.items()}
         return m

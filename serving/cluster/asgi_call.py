@@ -12,15 +12,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 from adapt_runtime.serving.edge.errors import envelope_bytes
+from adapt_runtime.serving.types import ASGIApp, Message, Scope
 
 log = logging.getLogger("adapt_serve")
-Item = dict[str, Any] | bytes
+Item = Message | bytes
 
 
-def http_scope(method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+def http_scope(method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]) -> Scope:
     return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
         "method": method.upper(), "scheme": "http", "path": path, "raw_path": path.encode("utf-8"),
@@ -29,14 +29,14 @@ def http_scope(method: str, path: str, query: bytes, headers: list[tuple[bytes, 
     }
 
 
-async def call_asgi(app: Any, scope: dict[str, Any], body: bytes,
+async def call_asgi(app: ASGIApp, scope: Scope, body: bytes,
                     extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> AsyncIterator[Item]:
     """Yield the response of ``app`` to ``scope`` + ``body``: the start item, then body chunks."""
-    outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    outbox: asyncio.Queue[Message | None] = asyncio.Queue()
     gone = asyncio.Event()
     delivered = False
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         nonlocal delivered
         if not delivered:
             delivered = True
@@ -44,7 +44,7 @@ async def call_asgi(app: Any, scope: dict[str, Any], body: bytes,
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         await outbox.put(message)
 
     task = asyncio.ensure_future(app(scope, receive, send))

@@ -11,9 +11,9 @@ import contextlib
 import json
 import re
 import secrets
-from typing import Any
 
 import fsspec
+from adapt_runtime.serving.types import JsonObject
 
 from adapt_runtime.atomic import atomic_write
 
@@ -81,11 +81,11 @@ class BlobStore:
                 removed += 1
         return removed
 
-    def mirror_head(self, key: str, head: dict[str, Any]) -> None:
+    def mirror_head(self, key: str, head: JsonObject) -> None:
         """``head.json`` beside the blobs: a copy of the committed head for disaster recovery without Redis."""
         self._write(f"{self._dir(key)}/head.json", json.dumps(head).encode())
 
-    def read_mirror(self, key: str) -> dict[str, Any] | None:
+    def read_mirror(self, key: str) -> JsonObject | None:
         try:
             return json.loads(self.fs.cat_file(f"{self._dir(key)}/head.json"))
         except FileNotFoundError:
@@ -98,6 +98,6 @@ class BlobStore:
             self.fs.pipe_file(path, data)
 
 
-def _protocols(fs: Any) -> tuple[str, ...]:
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)

@@ -6,19 +6,22 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 import click
+from adapt_runtime.serving.types import CliOptions
 
 if TYPE_CHECKING:
     from adapt_runtime.serving.cluster.config import ClusterConfig
     from adapt_runtime.serving.config import ServerConfig
+    from ray.serve import Application
 
+F = TypeVar("F", bound=Callable[..., object])
 log = logging.getLogger("adapt_serve")
 INGRESS_BODY_LIMIT = 2**30  # the engines' guard applies the exact per-route limits
 
 
-def build_application(config: ClusterConfig) -> Any:
+def build_application(config: ClusterConfig) -> Application:
     """The bound Serve application: Ingress -> SessionEngine."""
     from adapt_runtime.serving.cluster.engine_deployment import engine_deployment
     from adapt_runtime.serving.cluster.ingress import Ingress
@@ -73,7 +76,7 @@ def run_forever(config: ClusterConfig, address: str | None = None) -> None:
 FLAGS = ("ray_mode", "replicas", "max_replicas", "redis_url", "state_store", "ray_address", "lease_ttl")
 
 
-def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def cluster_options(fn: F) -> F:
     """The ``--ray`` flags of ``adapt-serve`` (kept here so the command's own options stay as they are)."""
     options = [
         click.option("--ray", "ray_mode", is_flag=True,
@@ -96,7 +99,7 @@ def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def cluster_server(options: dict[str, Any]) -> Callable[..., None] | None:
+def cluster_server(options: CliOptions) -> Callable[..., None] | None:
     """Take the ``--ray`` flags out of ``options``; without ``--ray`` None, else a ``serve(config, log_level)``
     that runs the cluster."""
     flags = {name: options.pop(name) for name in FLAGS}

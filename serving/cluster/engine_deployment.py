@@ -4,26 +4,32 @@ Each replica builds the single-process server's context with a ``ClusterSessionS
 blobs) in place of the local store, and answers every forwarded request by running it through the unchanged app
 (auth, validation, OpenAI routes, SSE, session routes), adding ``X-Replica-ID``. Requests reach it through the
 ``ConsistentHashRouter`` keyed on the session id with no fallback replicas, so a session's turns land where its
-state is cached; correctness does not depend on that (see ``cluster_sessions``).
+state is cached; correctness does not depend on that (see ``sessions.cluster_store``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from adapt_runtime.serving.cluster.asgi_call import Item, call_asgi, http_scope
 from adapt_runtime.serving.cluster.config import ClusterConfig, open_states
 from adapt_runtime.serving.edge.app import build_app
-from adapt_runtime.serving.edge.session_routes import decode_state
 from adapt_runtime.serving.server import create_context
 from adapt_runtime.serving.sessions.cluster_store import ClusterSessionStore
+from adapt_runtime.serving.sessions.files import decode_state
+from adapt_runtime.serving.types import JsonObject
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
+
+if TYPE_CHECKING:
+    from ray.serve import Deployment
+
+    from adapt_runtime.runtime import Runtime
 
 log = logging.getLogger("adapt_serve")
 REPLICA_HEADER = b"x-replica-id"
@@ -37,7 +43,7 @@ class SessionEngine:
         self.states = open_states(config, self.replica_id)
         server = config.server
 
-        def make_store(runtime: Any, on_event: Any) -> ClusterSessionStore:
+        def make_store(runtime: Runtime, on_event: Callable[[str], None]) -> ClusterSessionStore:
             return ClusterSessionStore(self.states, runtime.new_state, lambda data: decode_state(data, runtime),
                                        server.session_memory_budget, server.max_sessions, on_event,
                                        max_per_owner=server.session_quota)
@@ -72,9 +78,9 @@ def replica_version(config: ClusterConfig) -> str:
     return hashlib.sha256(f"{__version__}:{config.for_replica()!r}".encode()).hexdigest()[:16]
 
 
-def engine_deployment(config: ClusterConfig) -> Any:
+def engine_deployment(config: ClusterConfig) -> Deployment:
     """The SessionEngine deployment with strict consistent-hash routing on the session id."""
-    scaling: dict[str, Any] = {"num_replicas": config.replicas}
+    scaling: JsonObject = {"num_replicas": config.replicas}
     if config.max_replicas is not None:
         scaling = {"autoscaling_config": {"min_replicas": config.replicas, "max_replicas": config.max_replicas,
                                           "target_ongoing_requests": 2}}

@@ -12,12 +12,15 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from adapt_runtime.serving.edge.errors import envelope_bytes
 from fastapi import FastAPI, Request
 from ray import serve
 from starlette.responses import Response, StreamingResponse
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 log = logging.getLogger("adapt_serve")
 SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)")
@@ -47,7 +50,7 @@ def _unavailable(message: str) -> Response:
                     media_type="application/json", headers={"Retry-After": "1"})
 
 
-async def _relay(stream: Any, sse: bool) -> AsyncIterator[bytes]:
+async def _relay(stream: "DeploymentResponseGenerator", sse: bool) -> AsyncIterator[bytes]:
     """Pass the engine's chunks on; if the replica dies mid-stream, an SSE stream ends with an error event (the
     turn was not committed), any other body is cut."""
     try:
@@ -68,7 +71,7 @@ async def _relay(stream: Any, sse: bool) -> AsyncIterator[bytes]:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(ingress_app)
 class Ingress:
-    def __init__(self, engine: Any, max_body_bytes: int) -> None:
+    def __init__(self, engine: "DeploymentHandle", max_body_bytes: int) -> None:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import redis
 
@@ -141,7 +142,10 @@ class LeaseStore:
                 continue  # keep trying until the TTL runs out; a commit re-checks the token anyway
 
 
-def _call(fn: Any, *args: Any) -> Any:
+T = TypeVar("T")
+
+
+def _call(fn: Callable[..., T], *args: object) -> T:
     try:
         return fn(*args)
     except (redis.ConnectionError, redis.TimeoutError) as err:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from adapt_runtime.serving.cluster.blobs import BlobStore
 from adapt_runtime.serving.cluster.lease import Lease, LeaseStore, StoreUnavailable, _call
+from adapt_runtime.serving.types import JsonObject
 
 COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, ''} end
@@ -154,7 +154,7 @@ class StateStore:
         keys = [self._k("meta", key), self._k("index", owner), f"{self.prefix}:all"]
         return bool(_call(self._create, keys, [sid, key, *fields]))
 
-    def record(self, key: str) -> dict[str, Any] | None:
+    def record(self, key: str) -> JsonObject | None:
         raw = _call(self.client.hgetall, self._k("meta", key))
         if not raw:
             return None

@@ -18,7 +18,7 @@ import re
 import struct
 import zipfile
 import zlib
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from adapt_runtime.serving.edge.errors import APIError
 from adapt_runtime.serving.edge.requests import ctx_of, principal_of
@@ -35,6 +35,10 @@ from adapt_runtime.lora import (
     lora_from_files,
 )
 
+if TYPE_CHECKING:
+    from adapt_runtime.runtime import Runtime
+    from adapt_runtime.state import FastWeights
+
 router = APIRouter()
 ADAPTER_MEDIA_TYPE = "application/zip"
 ADAPTER_ROUTE = re.compile(r"/v1/sessions/[^/]+/adapter")
@@ -45,7 +49,7 @@ def is_adapter_route(path: str) -> bool:
     return ADAPTER_ROUTE.fullmatch(path) is not None
 
 
-def adapter_bytes_bound(rt: Any) -> int:
+def adapter_bytes_bound(rt: Runtime) -> int:
     """An upper bound on an adapter's files: full-rank float32 factors of every plastic layer, twice, plus 1 MiB."""
     return 2 * sum((d + f) * min(d, f) * 4 for d, f in rt.state_spec.shapes) + 2**20
 
@@ -105,7 +109,7 @@ def unzip_adapter(data: bytes, limit: int) -> tuple[bytes, bytes]:
     return out[0], out[1]
 
 
-def decode_adapter(data: bytes, rt: Any) -> Any:
+def decode_adapter(data: bytes, rt: Runtime) -> FastWeights:
     """A zip body -> a fresh state for ``rt``: 400 malformed, 409 made for something else, 413 too large."""
     config, weights = unzip_adapter(data, adapter_bytes_bound(rt))
     try:

@@ -9,16 +9,19 @@ text gets the tokenizer's BOS.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from adapt_runtime.serving.edge.schemas import ChatMessage
 from adapt_runtime.serving.failures import InvalidRequest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer: Any, template_file: Path | None = None) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template_file: Path | None = None) -> None:
         self.tokenizer = tokenizer
         self.jinja = template_file.read_text(encoding="utf-8") if template_file else tokenizer.chat_template
         self.kind = "file" if template_file else ("tokenizer" if self.jinja else "plain")

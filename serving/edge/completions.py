@@ -4,14 +4,14 @@ scores with)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeGuard
 
 from adapt_runtime.serving.context import ServerContext, off_loop, text_size
 from adapt_runtime.serving.edge.errors import APIError
 from adapt_runtime.serving.edge.read_routes import split_long_prompt
 from adapt_runtime.serving.edge.requests import principal_of, session_id_of
 from adapt_runtime.serving.edge.responses import Generation, respond
-from adapt_runtime.serving.edge.schemas import CompletionRequest
+from adapt_runtime.serving.edge.schemas import ChatCompletionRequest, CompletionRequest, Prompts
 from adapt_runtime.serving.engine.detokenize import Detokenizer
 from adapt_runtime.serving.engine.events import PromptScored, Token
 from adapt_runtime.serving.engine.sampling import SamplingParams
@@ -21,24 +21,28 @@ from fastapi import Request
 from starlette.responses import Response
 
 
-def prompt_ids(ctx: ServerContext, prompt: Any) -> list[tuple[list[int], str | None]]:
+def prompt_ids(ctx: ServerContext, prompt: Prompts) -> list[tuple[list[int], str | None]]:
     """Each prompt as (token ids, original text or None)."""
     engine = ctx.engine
     if isinstance(prompt, str):
         return [(engine.encode(prompt), prompt)]
-    if all(isinstance(p, int) for p in prompt):
+    if _one_ids(prompt):
         return [(engine.check_ids(list(prompt)), None)]
-    if all(isinstance(p, str) for p in prompt):
-        return [(engine.encode(p), p) for p in prompt]
-    return [(engine.check_ids(list(p)), None) for p in prompt]
+    return [(engine.encode(p), p) if isinstance(p, str) else (engine.check_ids(list(p)), None)
+            for p in prompt if isinstance(p, (str, list))]  # the schema allows no list mixing ids with prompts
 
 
-def prompt_count(prompt: Any) -> int:
+def _one_ids(prompt: Prompts) -> TypeGuard[list[int]]:
+    """Whether ``prompt`` is one prompt of token ids (the schema allows no list mixing ids and prompts)."""
+    return not isinstance(prompt, str) and all(isinstance(p, int) for p in prompt)
+
+
+def prompt_count(prompt: Prompts) -> int:
     """How many prompts ``prompt`` holds (a string or one list of token ids is one)."""
-    return 1 if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt) else len(prompt)
+    return 1 if isinstance(prompt, str) or _one_ids(prompt) else len(prompt)
 
 
-def sampling(body: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
         seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,

@@ -1,13 +1,14 @@
-"""The HTTP edge's errors: the one table from domain errors (``failures.py``) to status codes, ``APIError`` for what
-only the edge knows, and the OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}`` on every path."""
+"""The HTTP edge's errors: the one table from domain errors (``serving/failures.py``) to status codes, ``APIError``
+for what only the edge knows, and the OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}`` on
+every path."""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from adapt_runtime.serving.failures import Conflict, InvalidRequest, LimitReached, NotFound, ServingError, Unavailable
+from adapt_runtime.serving.types import JsonObject
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,7 +57,7 @@ class APIError(ServingError):
         self.status = status
         self.headers = headers or {}
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> JsonObject:
         return envelope(self.status, self.message, self.code, self.param)
 
     def response(self) -> JSONResponse:
@@ -72,7 +73,7 @@ def is_slow_client(exc: BaseException) -> bool:
     return isinstance(exc, SlowClient) or any(is_slow_client(e) for e in getattr(exc, "exceptions", ()))
 
 
-def envelope(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
+def envelope(status: int, message: str, code: str, param: str | None = None) -> JsonObject:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 

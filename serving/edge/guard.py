@@ -20,9 +20,10 @@ import logging
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TypeVar
 
 from adapt_runtime.serving.edge.errors import SlowClient, envelope_bytes, is_slow_client
+from adapt_runtime.serving.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("adapt_serve")
 PUBLIC_PATHS = frozenset({"/health"})
@@ -32,9 +33,7 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a string's brackets a
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 _DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
-Scope = dict[str, Any]
-Receive = Callable[[], Any]
-Send = Callable[[dict[str, Any]], Any]
+T = TypeVar("T")
 
 
 def _digest(key: str) -> bytes:
@@ -95,7 +94,7 @@ def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-async def _within(work: Awaitable[Any], seconds: float | None) -> Any:
+async def _within(work: Awaitable[T], seconds: float | None) -> T:
     """``await work``, raising TimeoutError after ``seconds`` (None: no limit); no extra task on 3.11+."""
     if seconds is None:
         return await work
@@ -116,7 +115,7 @@ async def _reject(send: Send, status: int, message: str, code: str, headers: lis
 class Guard:
     """ASGI middleware: authentication, then the body-size limit (413), then the app."""
 
-    def __init__(self, app: Any, keys: ApiKeys, body_limit: Callable[[str], int], read_timeout: float | None = None,
+    def __init__(self, app: ASGIApp, keys: ApiKeys, body_limit: Callable[[str], int], read_timeout: float | None = None,
                  send_timeout: float | None = None, json_body: Callable[[str], bool] = lambda _: True) -> None:
         """``body_limit(path)``: the largest body a path takes; ``json_body(path)``: whether its body is JSON (the
         nesting limit applies; a binary body, such as a state file, is not scanned)."""
@@ -158,14 +157,14 @@ class Guard:
             return
         replayed = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        async def timed_send(message: dict[str, Any]) -> None:
+        async def timed_send(message: Message) -> None:
             try:
                 await _within(send(message), self.send_timeout)
             except (TimeoutError, asyncio.TimeoutError):

@@ -10,7 +10,7 @@ An idle keep-alive connection is closed earlier by uvicorn's own keep-alive time
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any  # uvicorn's protocol classes are untyped here (not analysed): the base is Any
 
 
 def _base() -> type:
@@ -30,7 +30,7 @@ def with_header_timeout(seconds: float) -> type[asyncio.Protocol]:
     base: Any = _base()
 
     class HeaderDeadlineProtocol(base):
-        def connection_made(self, transport: Any) -> None:
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             self._arm_header_deadline()
 
@@ -42,7 +42,7 @@ def with_header_timeout(seconds: float) -> type[asyncio.Protocol]:
             # a new request replaces ``self.cycle`` once its headers are complete
             self.loop.call_later(seconds, self._header_deadline, self.cycle)
 
-        def _header_deadline(self, waiting_after: Any) -> None:
+        def _header_deadline(self, waiting_after: object) -> None:
             if self.cycle is waiting_after and not self.transport.is_closing():
                 self.transport.close()
 

@@ -18,19 +18,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from adapt_runtime.serving.context import ServerContext, off_loop
 from adapt_runtime.serving.edge.errors import APIError, http_error
 from adapt_runtime.serving.edge.requests import SESSION_HEADER, ctx_of, principal_of, session_id_of
 from adapt_runtime.serving.edge.responses import as_api_error
-from adapt_runtime.serving.edge.schemas import ReadRequest
+from adapt_runtime.serving.edge.schemas import ChatCompletionRequest, CompletionRequest, ReadRequest
 from adapt_runtime.serving.edge.sse import DONE, frame, race_disconnect
 from adapt_runtime.serving.engine.events import Failed, PromptScored
 from adapt_runtime.serving.engine.sampling import SamplingParams
 from adapt_runtime.serving.engine.scheduler import Job, Prompt
 from adapt_runtime.serving.failures import ServingError
 from adapt_runtime.serving.sessions.turn import Turn, start_turn
+from adapt_runtime.serving.types import JsonObject
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -69,7 +69,7 @@ class DocumentRead:
         self.nll: list[float] = []
         self.started = time.perf_counter()
 
-    async def windows(self) -> AsyncIterator[dict[str, Any]]:
+    async def windows(self) -> AsyncIterator[JsonObject]:
         state = self.turn.state
         for k, (a, b) in enumerate(self.spans):
             piece = self.ids[a:b]
@@ -95,13 +95,13 @@ class DocumentRead:
                           state.refused_writes - self.refused0, time.perf_counter() - self.started,
                           tuple(self.nll))
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> JsonObject:
         result = self.result()
         return {"id": f"read-{uuid.uuid4().hex}", "object": "session.read", "session_id": self.turn.session_id,
                 "model": self.ctx.model_name, **result.to_dict(), "mean_nll": _num(result.mean_nll),
                 "committed": self.turn.committed, "tokens_seen": self.turn.state.tokens_seen}
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self) -> JsonObject:
         """Read every window and commit; the whole response body."""
         async for _ in self.windows():
             pass
@@ -204,7 +204,8 @@ class LongPrompt:
         return True
 
 
-def split_long_prompt(ctx: ServerContext, request: Request, body: Any, ids: list[int],
+def split_long_prompt(ctx: ServerContext, request: Request, body: CompletionRequest | ChatCompletionRequest,
+                      ids: list[int],
                       requested: int | None) -> LongPrompt | None:
     """The split of an opted-in (``long_prompt``) session prompt that does not fit the context, else None (the
     request goes the usual way, where an over-long prompt is a 400). ``requested`` is the asked ``max_tokens``

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from adapt_runtime.serving.context import ServerContext, system_fingerprint
 from adapt_runtime.serving.edge.errors import APIError, http_error
@@ -25,10 +25,14 @@ from adapt_runtime.serving.engine.events import Done, Failed, Finished, PromptSc
 from adapt_runtime.serving.engine.scheduler import Job
 from adapt_runtime.serving.failures import ServingError
 from adapt_runtime.serving.sessions.turn import Turn
+from adapt_runtime.serving.types import JsonObject
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 import adapt_runtime as ar
+
+if TYPE_CHECKING:
+    from adapt_runtime.state import FastWeights
 
 log = logging.getLogger("adapt_serve")
 
@@ -51,11 +55,11 @@ class Generation:
         self.created = int(time.time())
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.final_state: Any = None
+        self.final_state: FastWeights | None = None
         self.started = time.perf_counter()
         self._last_token: float | None = None
 
-    def header(self, kind: str) -> dict[str, Any]:
+    def header(self, kind: str) -> JsonObject:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.ctx.model_name,
                 "system_fingerprint": system_fingerprint(self.ctx)}
 
@@ -84,7 +88,7 @@ class Generation:
                     self.ctx.metrics.finished.labels(finished_reason=event.reason).inc()
                     yield self.fmt.finish(event.index, event.reason)
                 elif isinstance(event, Done):
-                    self.final_state = self.job.states[0] if self.job.states else None
+                    self.final_state = self.job.states[0] if self.job.states else self.turn.state
                     await self.turn.finish(self.final_state)
                 elif isinstance(event, Failed):
                     raise as_api_error(event.error)
@@ -101,7 +105,7 @@ class Generation:
             self.ctx.metrics.itl.observe(now - self._last_token)
         self._last_token = now
 
-    def extras(self) -> dict[str, Any]:
+    def extras(self) -> JsonObject:
         if self.turn.session_id is None:
             return {}
         return {"session_id": self.turn.session_id, "adaptation": self.turn.adaptation(self.final_state)}
@@ -158,7 +162,7 @@ async def _first(parts: AsyncGenerator[dict, None]) -> tuple[dict | None]:
         return (None,)
 
 
-async def _fold(gen: Generation, parts: AsyncGenerator[dict, None], first: dict | None) -> dict[str, Any]:
+async def _fold(gen: Generation, parts: AsyncGenerator[dict, None], first: dict | None) -> JsonObject:
     by_index: dict[int, list[dict]] = {}
     if first is not None:
         by_index.setdefault(first["index"], []).append(first)

@@ -6,7 +6,7 @@ Responses are plain dicts built in ``completions.py`` and ``chat.py``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,9 +18,10 @@ Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompts = str | list[str] | TokenIds | list[TokenIds]  # a completion's prompt: one or many, text or token ids
 
 
-def lone_surrogate(value: Any, path: str = "") -> str | None:
+def lone_surrogate(value: object, path: str = "") -> str | None:
     """Where in a JSON value a string holds a lone surrogate (JSON allows "\\ud800"; UTF-8 does not), or None."""
     if isinstance(value, str):
         try:
@@ -41,7 +42,7 @@ class _ValidText(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _unicode(cls, data: Any) -> Any:
+    def _unicode(cls, data: object) -> object:
         where = lone_surrogate(data)
         if where is not None:
             raise ValueError(f"{where} holds a lone surrogate (U+D800..U+DFFF), which is not valid Unicode text")
@@ -91,7 +92,7 @@ class _Generation(_ValidText):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: Prompts
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)

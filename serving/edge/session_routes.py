@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
-from adapt_runtime.serving.edge.errors import APIError
 from adapt_runtime.serving.edge.requests import ctx_of, principal_of
 from adapt_runtime.serving.edge.schemas import SessionCreateRequest
+from adapt_runtime.serving.sessions.files import decode_state
 from fastapi import APIRouter, Body, Request
 from starlette.responses import JSONResponse, Response
-
-import adapt_runtime as ar
 
 router = APIRouter()
 STATE_MEDIA_TYPE = "application/octet-stream"
@@ -25,22 +23,6 @@ def is_state_route(path: str) -> bool:
     """True for ``/v1/sessions/{id}/state`` alone: the one route whose body may be a whole state file (the
     larger body limit applies to it, every other path keeps ``--max-request-bytes``)."""
     return STATE_ROUTE.fullmatch(path) is not None
-
-
-def decode_state(data: bytes, rt: Any) -> Any:
-    """Bytes -> a state for ``rt``: 409 when they are a well-formed state of another model, rule, rule options or
-    format version, 400 for anything else wrong (every tensor and counter is checked; see
-    ``adapt_runtime.state_validation``). Nothing is changed on a refusal."""
-    if not data:
-        raise APIError(400, "the body is empty; send the bytes of an exported state", "invalid_state")
-    try:
-        return ar.state_from_bytes(data, rt)
-    except ar.IncompatibleStateError as err:
-        raise APIError(409, str(err), "session_incompatible") from None
-    except ar.StateFileError as err:
-        raise APIError(400, str(err), "invalid_state") from None
-    except RecursionError:  # the safetensors header is JSON; nested deep, its parser recurses past the limit
-        raise APIError(400, "state file is corrupt: its header nests too deep", "invalid_state") from None
 
 
 @router.post("/v1/sessions", status_code=201)

@@ -9,20 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import TypeVar
 
+from adapt_runtime.serving.types import JsonObject, Receive, Scope, Send
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
 DONE = b"data: [DONE]\n\n"
+T = TypeVar("T")
 
 
-def frame(payload: dict[str, Any]) -> bytes:
+def frame(payload: JsonObject) -> bytes:
     """One ``data:`` event of a JSON payload."""
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-async def race_disconnect(work: Any, request: Request) -> Any:
+async def race_disconnect(work: Awaitable[T], request: Request) -> T | None:
     """Run ``work``; if the client goes away first, cancel it and return None."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -47,7 +50,7 @@ class ClosingStream(StreamingResponse):
     """A stream whose body is closed when the response ends for any reason (a send that timed out included), so
     the turn and the concurrency slot come back at once instead of when the generator is collected."""
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:

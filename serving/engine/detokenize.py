@@ -8,7 +8,10 @@ stop string, or that ends in an incomplete UTF-8 sequence, is held back until it
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT = "\ufffd"
 
@@ -16,7 +19,7 @@ REPLACEMENT = "\ufffd"
 class Detokenizer:
     """Token ids -> text for one tokenizer; ``piece`` gives a token's text as it reads mid-sentence."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.special = set(tokenizer.all_special_ids)
         filler = tokenizer.encode("a", add_special_tokens=False)

@@ -1,6 +1,6 @@
 """The engine interface: what the edge calls on ``ServerContext.engine``.
 
-The native implementation is ``engine.Engine`` (the runtime, its tokenizer and the scheduler's model thread); it is
+The native implementation is ``native.Engine`` (the runtime, its tokenizer and the scheduler's model thread); it is
 the seam another engine (vLLM's) plugs into. A request is planned (``plan``: what of a prompt a state must still
 read), submitted as a ``Job`` and streamed (``run`` yields its events up to ``Done`` or ``Failed``; leaving early
 cancels it). Errors are domain errors (``failures``). This module imports neither torch nor the engine.

@@ -22,13 +22,16 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from adapt_runtime.serving.engine.events import Event, PromptScored
 
 if TYPE_CHECKING:
     from adapt_runtime.serving.engine.scheduler import Job
+
+    from adapt_runtime.runtime import Runtime
+    from adapt_runtime.state import FastWeights
 
 log = logging.getLogger("adapt_serve")
 
@@ -38,7 +41,7 @@ class Prompt:
     """One prompt of a job: ``feed`` is what still has to enter ``state`` (empty: it already holds the prompt);
     ``tokens`` the whole prompt. ``echo`` asks for per-token prompt logprobs (then ``feed == tokens``)."""
 
-    state: Any
+    state: FastWeights
     feed: list[int]
     tokens: list[int]
     echo: bool = False
@@ -63,7 +66,7 @@ class PromptReader:
     raised. ``read`` returns the jobs whose prompts are all read, each with its prompts' last logits.
     """
 
-    def __init__(self, runtime: Any, chunk: int | None, emit: Callable[[Job, Event], None],
+    def __init__(self, runtime: Runtime, chunk: int | None, emit: Callable[[Job, Event], None],
                  fail: Callable[[Job, BaseException], None]) -> None:
         if chunk is not None and chunk < 0:
             raise ValueError(f"prefill_chunk: must be >= 0 (0: whole prompts), got {chunk}")

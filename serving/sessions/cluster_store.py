@@ -17,7 +17,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from adapt_runtime.serving.cluster.lease import Lease, LeaseBusy, StoreUnavailable
 from adapt_runtime.serving.cluster.state_store import CommitRejected, StateStore
@@ -27,6 +27,8 @@ from adapt_runtime.serving.sessions.local_store import Session, check_session_id
 
 if TYPE_CHECKING:
     from adapt_runtime.state import FastWeights
+
+T = TypeVar("T")
 
 log = logging.getLogger("adapt_serve")
 
@@ -223,7 +225,7 @@ class ClusterSessionStore:
         except StoreUnavailable as err:
             log.warning("lease of %s not released (it expires by itself): %s", lease.key, err)
 
-    def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _guard(self, fn: Callable[..., T], *args: object) -> T:
         try:
             return fn(*args)
         except StoreUnavailable as err:

@@ -24,11 +24,15 @@ import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from adapt_runtime.serving.failures import Conflict, InvalidRequest
+
+import adapt_runtime as ar
 from adapt_runtime.atomic import atomic_write as core_atomic_write
 
 if TYPE_CHECKING:
+    from adapt_runtime.runtime import Runtime
     from adapt_runtime.state import FastWeights
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -169,6 +173,23 @@ def _parse(sidecar: Path, owner: str) -> SessionRecord | None:
     return record
 
 
-def _valid_stats(stats: Any) -> bool:
+def _valid_stats(stats: object) -> bool:
     return isinstance(stats, dict) and set(stats) == set(STAT_FIELDS) and all(
         v is None or (type(v) is int and v >= 0) for v in stats.values())
+
+
+def decode_state(data: bytes, rt: Runtime) -> FastWeights:
+    """Bytes of a state file -> a state for ``rt``: ``Conflict`` when they are a well-formed state of another model,
+    rule, rule options or format version, ``InvalidRequest`` for anything else wrong (every tensor and counter is
+    checked; see ``adapt_runtime.state_validation``). Nothing is changed on a refusal. The store loads spilled and
+    imported states through it."""
+    if not data:
+        raise InvalidRequest("the body is empty; send the bytes of an exported state", "invalid_state")
+    try:
+        return ar.state_from_bytes(data, rt)
+    except ar.IncompatibleStateError as err:
+        raise Conflict(str(err), "session_incompatible") from None
+    except ar.StateFileError as err:
+        raise InvalidRequest(str(err), "invalid_state") from None
+    except RecursionError:  # the safetensors header is JSON; nested deep, its parser recurses past the limit
+        raise InvalidRequest("state file is corrupt: its header nests too deep", "invalid_state") from None

@@ -28,10 +28,11 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from adapt_runtime.serving.failures import Conflict, InvalidRequest, LimitReached, NotFound, Unavailable
 from adapt_runtime.serving.sessions.files import SESSION_ID, STAT_FIELDS, SessionFiles, SessionRecord, state_stats
+from adapt_runtime.serving.types import JsonObject
 
 if TYPE_CHECKING:
     from adapt_runtime.state import FastWeights
@@ -52,7 +53,7 @@ class Session:
     def id(self) -> str:
         return self.record.id
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JsonObject:
         """The session as ``GET /v1/sessions/{id}`` reports it: the same fields whether it is resident or on disk
         only (after a restart every session is). ``tokens_seen``, ``kv_len``, ``writes``, ``refused_writes`` and
         ``bytes`` come from the state when resident, else from the sidecar written with the state file; they are

@@ -1,7 +1,7 @@
 """The session store interface: what the edge and turns call on ``ServerContext.store``.
 
-Two implementations: ``sessions.SessionStore`` (one process: memory under a byte budget, spilled to files) and
-``cluster.cluster_sessions.ClusterSessionStore`` (every replica: Redis leases, shared blobs, a local cache). A turn
+Two implementations: ``local_store.SessionStore`` (one process: memory under a byte budget, spilled to files) and
+``cluster_store.ClusterSessionStore`` (every replica: Redis leases, shared blobs, a local cache). A turn
 is ``acquire`` (busy, resident; returns the committed state, not to be mutated), ``commit`` (the new state),
 ``release`` (the turn ends). Errors are domain errors (``failures``): the edge maps them to status codes.
 """

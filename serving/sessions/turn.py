@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from adapt_runtime.serving.context import ServerContext
 from adapt_runtime.serving.failures import NotFound
 from adapt_runtime.serving.sessions.local_store import Session
+from adapt_runtime.serving.types import JsonObject
 
 from adapt_runtime.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
+    from adapt_runtime.serving.engine.scheduler import Scheduler
+
     from adapt_runtime.state import FastWeights
 
 T = TypeVar("T")
@@ -86,7 +89,7 @@ class Turn:
                 return
             self._end()
 
-    async def _end_when_free(self, scheduler: Any) -> None:
+    async def _end_when_free(self, scheduler: Scheduler) -> None:
         while scheduler.holds(self.state):
             await asyncio.sleep(0.001)
         self._end()
@@ -99,7 +102,7 @@ class Turn:
         if self.session is not None:
             self.ctx.store.release(self.session)
 
-    def adaptation(self, final_state: FastWeights | None) -> dict[str, Any]:
+    def adaptation(self, final_state: FastWeights | None) -> JsonObject:
         state = final_state if final_state is not None else self.state
         return {"committed": self.committed, "tokens_seen": state.tokens_seen, "writes": state.writes,
                 "refused_writes": state.refused_writes}

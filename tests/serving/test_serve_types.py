@@ -3,6 +3,7 @@ with the same parameters, and mypy passes on serving/ (the strictness is stated 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import os
@@ -72,3 +73,18 @@ def test_mypy_serving(tmp_path):
                           "--cache-dir", str(tmp_path / "cache"), "-p", "adapt_runtime.serving"],
                          cwd=package.parent, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _any_lines(path: Path) -> set[int]:
+    """Lines of ``path`` where the name ``Any`` is used (imports excluded; strings and comments are not names)."""
+    tree = ast.parse(path.read_text())
+    return {node.lineno for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id == "Any"}
+
+
+def test_any_only_where_the_wire_decides():
+    """Values in serving are typed by what they are; ``Any`` stands only for JSON, ASGI dicts and parsed options
+    (``serving/types.py``) and for a base class no checker sees: at most 15 lines in all (issue 18)."""
+    lines = {f"{path.relative_to(ROOT)}:{line}" for path in sorted((ROOT / "serving").rglob("*.py"))
+             for line in _any_lines(path)}
+    assert len(lines) <= 15, sorted(lines)
+    assert any(line.startswith("serving/types.py") for line in lines)  # the count sees the aliases themselves
