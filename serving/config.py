@@ -101,6 +101,14 @@ class ServerConfig:
     vllm_options: JsonObject = knob({}, "With --engine vllm: more vLLM engine arguments as a JSON object "
                                         "(vLLM's AsyncEngineArgs), e.g. '{\"gpu_memory_utilization\": 0.5}'.",
                                         kind="json", metavar="JSON")
+    vllm_url: str | None = knob(None, "With --engine vllm: generate with this running 'vllm serve' (its base URL, "
+                                "e.g. http://127.0.0.1:8001) instead of vLLM in this process. Start it on the same "
+                                "--model folder with --enable-lora --max-lora-rank R and "
+                                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; it must read --vllm-adapter-dir.",
+                                metavar="URL")
+    vllm_adapter_dir: Path | None = knob(None, "With --engine vllm: where each generation's adapter version is "
+                                         "written (default: tmpfs); with --vllm-url, a folder the vLLM server "
+                                         "reads too.", kind="dir")
 
     def __post_init__(self) -> None:
         from adapt_runtime.rules import rule_names  # the registry is the one list of rules
@@ -112,6 +120,8 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if (self.vllm_url is not None or self.vllm_adapter_dir is not None) and self.engine != "vllm":
+            raise ValueError("vllm_url, vllm_adapter_dir: only with --engine vllm")
         if self.session_ttl <= 0:
             raise ValueError(f"session_ttl: must be > 0 seconds, got {self.session_ttl}")
         if self.threads is not None and self.threads <= 0:

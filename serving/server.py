@@ -87,7 +87,7 @@ def make_engine(config: ServerConfig, runtime: Runtime, tokenizer: PreTrainedTok
         return VllmEngine(runtime, tokenizer, resolve_model_name(config.model), config.max_model_len,
                           on_step=metrics.on_step, prefill_chunk=config.prefill_chunk,
                           max_loras=config.vllm_max_loras, max_num_seqs=config.max_concurrent_requests,
-                          options=config.vllm_options)
+                          options=config.vllm_options, url=config.vllm_url, adapter_dir=config.vllm_adapter_dir)
     return Engine(runtime, tokenizer, config.max_model_len, on_step=metrics.on_step,
                   prefill_chunk=config.prefill_chunk)
 

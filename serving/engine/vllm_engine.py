@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from adapt_runtime.serving.config import DEFAULT_PREFILL_CHUNK
 from adapt_runtime.serving.engine.detokenize import TextStream
@@ -52,9 +52,6 @@ import adapt_runtime as ar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-    from vllm import SamplingParams as VllmSamplingParams
-    from vllm.logprobs import Logprob
-    from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from adapt_runtime.runtime import Runtime
@@ -97,9 +94,10 @@ def _tmpfs() -> str | None:
 
 @dataclass(frozen=True)
 class Adapter:
-    """One version of a session's memory as vLLM loads it."""
+    """One version of a session's memory as vLLM loads it: its name, its integer id and its PEFT folder."""
 
-    request: LoRARequest
+    name: str
+    version: int
     folder: Path
 
 
@@ -108,30 +106,29 @@ class Adapters:
     of S), written to tmpfs, and removed from vLLM and the disk when the generation ends. A version vLLM evicted
     from its cache while in use is reloaded from its folder by vLLM itself."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, folder: Path | None = None) -> None:
+        """``folder``: where the versions go (a vLLM server elsewhere must read it); default tmpfs."""
         self.rt = runtime
-        self.root = Path(tempfile.mkdtemp(prefix="adapt-serve-lora-", dir=_tmpfs()))
+        self.root = Path(tempfile.mkdtemp(prefix="adapt-serve-lora-", dir=str(folder) if folder else _tmpfs()))
         self._ids = itertools.count(1)
 
     def make(self, state: FastWeights) -> Adapter | None:
         """``state``'s memory as a new adapter version; None when it holds none (vLLM runs the base model)."""
-        from vllm.lora.request import LoRARequest
-
         factors = getattr(state, "factors", None) or {}
         if not any(factors.get(layer) is not None for layer in self.rt.state_spec.layers):
             return None
         version = next(self._ids)
         folder = self.root / f"v{version}"
         ar.export_lora(self.rt, state, folder)
-        return Adapter(LoRARequest(f"session-memory-v{version}", version, str(folder)), folder)
+        return Adapter(f"session-memory-v{version}", version, folder)
 
-    async def drop(self, llm: AsyncLLM, adapter: Adapter | None) -> None:
+    async def drop(self, llm: Generator, adapter: Adapter | None) -> None:
         if adapter is None:
             return
         try:
-            await llm.remove_lora(adapter.request.lora_int_id)
+            await llm.drop(adapter)
         except Exception as exc:  # noqa: BLE001 - an adapter vLLM no longer holds is gone either way
-            log.debug("remove_lora(%d): %r", adapter.request.lora_int_id, exc)
+            log.debug("dropping adapter %s: %r", adapter.name, exc)
         shutil.rmtree(adapter.folder, ignore_errors=True)
 
     def close(self) -> None:
@@ -166,9 +163,83 @@ def watch_children() -> subprocess.Popen[bytes] | None:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+# A token's logprob entry: the chosen token and the top ones, each ``id -> (logprob, rank or None)``
+Entry = dict[int, tuple[float, int | None]]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one step of a vLLM stream adds: new token ids, their logprob entries (when asked) and, on the last
+    piece, why vLLM ended the row."""
+
+    token_ids: list[int]
+    logprobs: list[Entry] | None
+    finish_reason: str | None = None
+
+
+class Generator(Protocol):
+    """Where the tokens come from: vLLM in this process (``InProcessVllm``) or a ``vllm serve`` (``RemoteVllm``)."""
+
+    @property
+    def errored(self) -> bool:
+        """Whether the engine died (a dead in-process engine is restarted; a remote server is never ours to)."""
+        ...
+
+    def generate(self, prompt: list[int], settings: JsonObject, request_id: str, adapter: Adapter | None
+                 ) -> AsyncGenerator[Piece, None]:
+        """Stream one completion of ``prompt`` under ``adapter`` (None: the base model); ``settings`` are vLLM's
+        SamplingParams fields. Closing the iterator early aborts the request."""
+        ...
+
+    async def drop(self, adapter: Adapter) -> None:
+        """Forget ``adapter`` (its generations ended)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+class InProcessVllm:
+    """vLLM's ``AsyncLLM`` in this process (its engine core in a process of its own), adapters by LoRARequest."""
+
+    def __init__(self, llm: AsyncLLM) -> None:
+        self.llm = llm
+
+    @property
+    def errored(self) -> bool:
+        return bool(self.llm.errored)
+
+    async def generate(self, prompt: list[int], settings: JsonObject, request_id: str, adapter: Adapter | None
+                       ) -> AsyncGenerator[Piece, None]:
+        from vllm import SamplingParams as VllmSampling
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        lora = None if adapter is None else LoRARequest(adapter.name, adapter.version, str(adapter.folder))
+        stream = self.llm.generate(TokensPrompt(prompt_token_ids=prompt), VllmSampling(**settings, detokenize=False),
+                                   request_id, lora_request=lora)
+        seen = 0
+        try:
+            async for output in stream:
+                final = output.outputs[0]
+                new = [int(token) for token in final.token_ids[seen:]]
+                entries = None if final.logprobs is None else [
+                    {int(tok): (float(lp.logprob), lp.rank) for tok, lp in entry.items()}
+                    for entry in final.logprobs[seen : seen + len(new)]]
+                seen += len(new)
+                yield Piece(new, entries, final.finish_reason)
+        finally:
+            await stream.aclose()
+
+    async def drop(self, adapter: Adapter) -> None:
+        await self.llm.remove_lora(adapter.version)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
 def start_vllm(model_dir: str, max_len: int, dtype: str, lora_rank: int | None, max_loras: int,
-               max_num_seqs: int, options: JsonObject) -> AsyncLLM:
-    """An ``AsyncLLM`` for ``model_dir`` with LoRA enabled (its engine core runs in a process of its own)."""
+               max_num_seqs: int, options: JsonObject) -> InProcessVllm:
+    """vLLM in this process for ``model_dir`` with LoRA enabled (its engine core runs in a process of its own)."""
     try:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -185,7 +256,7 @@ def start_vllm(model_dir: str, max_len: int, dtype: str, lora_rank: int | None, 
                         max_cpu_loras=2 * max_loras)
     settings.update(options)
     try:
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**settings))
+        return InProcessVllm(AsyncLLM.from_engine_args(AsyncEngineArgs(**settings)))
     except Exception as exc:  # noqa: BLE001 - vLLM's reasons are many; say which one in a line
         raise VllmSetupError(f"vLLM could not start on {model_dir}: {type(exc).__name__}: {exc}") from exc
 
@@ -196,22 +267,32 @@ class VllmEngine(Engine):
     def __init__(self, runtime: Runtime, tokenizer: PreTrainedTokenizerBase, model_dir: str,
                  max_model_len: int | None = None, on_step: Callable[[int, float], None] | None = None,
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, max_loras: int = 8, max_num_seqs: int = 64,
-                 options: JsonObject | None = None) -> None:
+                 options: JsonObject | None = None, url: str | None = None,
+                 adapter_dir: Path | None = None) -> None:
+        """``url``: a running ``vllm serve`` to generate with (its runtime LoRA loading on) instead of vLLM in this
+        process; ``adapter_dir``: where adapter versions are written (it must be readable by that server)."""
         check_runtime(runtime)
         super().__init__(runtime, tokenizer, max_model_len, on_step, prefill_chunk)
         rank = runtime.state_spec.state_rank
         dtype = str(runtime.model.dtype).removeprefix("torch.")
         self._vllm_args = (model_dir, self.max_len, dtype, None if rank is None else lora_rank_for(rank), max_loras,
                            max_num_seqs, options or {})
+        self.llm: Generator
         try:
-            self.llm = start_vllm(*self._vllm_args)
+            if url is None:
+                self.llm = start_vllm(*self._vllm_args)
+            else:
+                from adapt_runtime.serving.engine.vllm_remote import RemoteVllm
+
+                self.llm = RemoteVllm.connect(url, self.max_len)
         except BaseException:
             super().close()
             raise
-        self._watchdog = watch_children()
+        self.remote = url is not None
+        self._watchdog = None if self.remote else watch_children()
         self._restart: asyncio.Task[None] | None = None
         self.restarts = 0
-        self.adapters = Adapters(runtime)
+        self.adapters = Adapters(runtime, adapter_dir)
 
     @property
     def alive(self) -> bool:
@@ -226,8 +307,8 @@ class VllmEngine(Engine):
             self._watchdog.terminate()
 
     def _recover(self) -> None:
-        """Start restarting vLLM if it died (once)."""
-        if self.llm.errored and (self._restart is None or self._restart.done()):
+        """Start restarting vLLM if it died (once; a remote server is not ours to restart)."""
+        if not self.remote and self.llm.errored and (self._restart is None or self._restart.done()):
             log.error("the vLLM engine died; restarting it (sessions live in the runtime's store, none is lost)")
             self._restart = asyncio.get_running_loop().create_task(self._relaunch())
 
@@ -349,26 +430,20 @@ class VllmEngine(Engine):
     async def _row(self, job: Job, index: int, p: int, j: int, adapter: Adapter | None, generated: list[int],
                    inbox: asyncio.Queue[Event | None]) -> None:
         """One choice: vLLM's tokens become the native engine's events (stop strings, logprobs, reasons)."""
-        from vllm.inputs import TokensPrompt
-
         prompt = job.prompts[p]
         text = TextStream(self.detok, self.detok.anchor(prompt.tokens), job.params.stop)
         try:
-            params = _vllm_params(job, j)
-            reason = None
-            final = None
-            stream = self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt.tokens)), params,
-                                       f"row-{uuid.uuid4().hex}",
-                                       lora_request=None if adapter is None else adapter.request)
+            reason, why = None, "no output"
+            stream = self.llm.generate(list(prompt.tokens), _vllm_settings(job, j), f"row-{uuid.uuid4().hex}",
+                                       adapter)
             try:
-                async for output in stream:
-                    final = output.outputs[0]
-                    new = final.token_ids[len(generated):]
-                    for token in new:
+                async for piece in stream:
+                    why = piece.finish_reason or why
+                    for offset, token in enumerate(piece.token_ids):
                         position = len(generated)
-                        generated.append(int(token))
-                        reason = self._account(job, index, int(token), position, final.logprobs, text,
-                                               len(prompt.tokens), inbox)
+                        generated.append(token)
+                        entry = None if piece.logprobs is None else piece.logprobs[offset]
+                        reason = self._account(job, index, token, position, entry, text, len(prompt.tokens), inbox)
                         if reason is not None:
                             break
                     if reason is not None:
@@ -376,7 +451,6 @@ class VllmEngine(Engine):
             finally:
                 await stream.aclose()  # an early end aborts the vLLM request
             if reason is None:  # our account ends every row vLLM ends (max_tokens, stop ids, the context)
-                why = "no output" if final is None else final.finish_reason
                 raise RuntimeError(f"vLLM ended a row before its stop or length ({why})")
             inbox.put_nowait(Finished(index, reason, len(generated)))
         except asyncio.CancelledError:
@@ -391,15 +465,13 @@ class VllmEngine(Engine):
         finally:
             inbox.put_nowait(None)
 
-    def _account(self, job: Job, index: int, token: int, position: int,
-                 logprobs: list[dict[int, Logprob]] | None, text: TextStream,
+    def _account(self, job: Job, index: int, token: int, position: int, entry: Entry | None, text: TextStream,
                  prompt_len: int, inbox: asyncio.Queue[Event | None]) -> str | None:
         """As the native scheduler's ``_account``: emit ``token`` and say why the row ends (None: it goes on)."""
         k = job.params.logprobs
         logprob, top = 0.0, []
-        if k is not None and logprobs is not None:
-            entry = logprobs[position]
-            logprob, top = float(entry[token].logprob), _top(entry, k)
+        if k is not None and entry is not None:
+            logprob, top = entry[token][0], _top(entry, k)
         reason = None
         if token in job.stop_ids:
             reason, piece = "stop", text.flush()
@@ -413,22 +485,20 @@ class VllmEngine(Engine):
         return reason
 
 
-def _top(entry: dict[int, Logprob], k: int) -> TopLogprobs:
-    """vLLM's logprob entry (the chosen token plus the top ``k``, each with its rank) as ``(id, logprob)`` pairs,
-    best first."""
-    ranked = sorted(((lp.rank, tok, lp.logprob) for tok, lp in entry.items() if lp.rank is not None and lp.rank <= k))
-    return [(int(tok), float(value)) for _, tok, value in ranked[:k]]
+def _top(entry: Entry, k: int) -> TopLogprobs:
+    """A logprob entry (the chosen token plus the top ``k``) as the top ``k`` ``(id, logprob)`` pairs, best first:
+    by vLLM's rank where it gives one (in process), else by value (a server's top logprobs carry no rank)."""
+    ranked = sorted((rank if rank is not None else 0, -value, tok) for tok, (value, rank) in entry.items()
+                    if rank is None or rank <= k)
+    return [(tok, -neg) for _, neg, tok in ranked[:k]]
 
 
-def _vllm_params(job: Job, row: int) -> VllmSamplingParams:
-    """The job's sampling settings as vLLM's; stops are ours (ids through vLLM, strings in our text stream)."""
-    from vllm import SamplingParams as VllmSampling
-
+def _vllm_settings(job: Job, row: int) -> JsonObject:
+    """The job's sampling settings as vLLM's SamplingParams fields; stops are ours (ids through vLLM, strings in
+    our text stream)."""
     p = job.params
     temperature, top_p = safe_settings(p.temperature, p.top_p)
-    return VllmSampling(
-        n=1, max_tokens=max(p.max_tokens, 1), temperature=temperature, top_p=top_p, top_k=max(p.top_k, 0),
-        seed=None if p.seed is None else (p.seed + row) % 2**63, presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty, stop_token_ids=sorted(job.stop_ids), ignore_eos=True,
-        logprobs=p.logprobs, detokenize=False,
-    )
+    return {"n": 1, "max_tokens": max(p.max_tokens, 1), "temperature": temperature, "top_p": top_p,
+            "top_k": max(p.top_k, 0), "seed": None if p.seed is None else (p.seed + row) % 2**63,
+            "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
+            "stop_token_ids": sorted(job.stop_ids), "ignore_eos": True, "logprobs": p.logprobs}
