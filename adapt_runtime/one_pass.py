@@ -22,8 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from adapt_runtime import kernels
-from adapt_runtime.chunk import Chunk
-from adapt_runtime.chunk_collect import labels_of
+from adapt_runtime.chunk import Chunk, labels_of
 from adapt_runtime.rules import Rule, Write
 from adapt_runtime.state import FastWeights
 from adapt_runtime.writes import OVERFLOW_GUARD, write_bound

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from adapt_runtime.architectures import arch_spec, get_path, set_path
+from adapt_runtime.chunk import FINAL_SCALE
 from adapt_runtime.config import RuntimeConfig, select_layers
 from adapt_runtime.errors import AlreadyPatchedError
-from adapt_runtime.plastic import FINAL_SCALE, PlasticDown, Tap, final_scale, hidden
+from adapt_runtime.plastic import PlasticDown, Tap, final_scale, hidden
 from adapt_runtime.rules import RULES, InPlaceTTTRule, Rule, make_rule, rule_class
 from adapt_runtime.rules.steps import with_defaults
 from adapt_runtime.runtime import Runtime

@@ -16,14 +16,14 @@ from torch import Tensor, nn
 
 from adapt_runtime import lowrank
 from adapt_runtime.architectures import ArchSpec, set_path
-from adapt_runtime.chunk_collect import finished, label_last, labelled, record
+from adapt_runtime.chunk import FINAL_SCALE, finished, label_last, labelled, record
 from adapt_runtime.chunk_grad import ChunkGraph, autograd_on, graph_of, normal
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
 from adapt_runtime.kv import assemble, scatter
 from adapt_runtime.norm_bound import bound_norms
 from adapt_runtime.one_pass import OnePass
-from adapt_runtime.plastic import FINAL_SCALE, Binding, PlasticDown
+from adapt_runtime.plastic import Binding, PlasticDown
 from adapt_runtime.rules import Rule
 from adapt_runtime.slots import SlotPool
 from adapt_runtime.state import FastWeights, StateSpec

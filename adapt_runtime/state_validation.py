@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from adapt_runtime.chunk import FINAL_SCALE
 from adapt_runtime.errors import IncompatibleStateError, MalformedStateError
-from adapt_runtime.plastic import FINAL_SCALE
 
 if TYPE_CHECKING:
     from adapt_runtime.runtime import Runtime
