@@ -8,7 +8,7 @@ position arrives with the next call, that position's targets follow (``label_las
 The pending chunk keeps the targets under the names the rule gave them, so state files hold them
 (``pending.target.<name>``). When the chunk's write fires, ``finished`` turns the pending chunk into the ``Chunk``,
 with the gradient when the rule asks for it (``adapt_runtime.chunk_grad``); the write itself is
-``adapt_runtime.writes``'s.
+``adapt_runtime.write``'s.
 """
 
 from __future__ import annotations
