@@ -114,9 +114,9 @@ class Runtime:
                 raise ContextOverflowError(
                     f"{s.kv_len} cached + {total} new tokens exceed the model's {self.max_length} positions; "
                     "call state.drop_kv() to continue with the fast weights alone")
-        if not adapt and self.rule.writes and total:  # the unadapted positions are skipped, the labels stay aligned
+        if not adapt and self.rule.adapts and total:  # the unadapted positions are skipped, the labels stay aligned
             label_last(self.rule, states, ids[:, 0].tolist())
-        adapt = adapt and self.rule.writes
+        adapt = adapt and self.rule.adapts
         if adapt and total > 1 and self._one_pass_rule():
             self._fire_writes(states, ids[:, 0], {})  # the segment path's first step (a second one is a no-op)
             out = self._one_pass(ids, states, last)

@@ -67,6 +67,7 @@ class Rule:
     What the runtime collects for the rule is declared here: ``capture`` names the per-layer records kept for
     each position (``x`` the down projection's input, ``y`` its output, ``h`` the MLP's hidden input);
     ``reads_final_norm`` the final norm's scale; ``needs_grad`` the gradient ``dL/dy`` of each plastic layer.
+    ``adapts`` False says the rule never writes (``NoneRule``): the runtime then collects nothing for it.
 
     ``layer_local``: the write of each plastic layer reads only that layer's own records, the chunk's tokens and
     labels, and (rules that stash targets) what ``label_targets`` gives from the labels alone: no logits, no final
@@ -78,7 +79,7 @@ class Rule:
     capture: frozenset[str] = frozenset()
     needs_grad: ClassVar[bool] = False
     reads_final_norm: bool = False
-    writes: ClassVar[bool] = True
+    adapts: ClassVar[bool] = True  # False: the rule never writes S (the runtime collects nothing for it)
     layer_local: bool = False
     default_lr: ClassVar[float] = 0.0
     default_chunk_size: ClassVar[int] = 32
@@ -160,4 +161,4 @@ class NoneRule(Rule):
     """No write: the patched model equals the base model."""
 
     name = "none"
-    writes = False
+    adapts = False
