@@ -229,7 +229,8 @@ def finished(rule: Rule, state: FastWeights, next_token: int, lr: float, graph: 
     def rows(name: str) -> dict[int, Tensor]:
         return {i: pending.rows(name, i) for i in layers} if name in pending.layers else {}
 
-    x, grads = rows("x"), {}
+    x = rows("x")
+    grads: dict[int, Tensor] = {}
     if rule.needs_grad:
         x, grads = gradients(graph if graph is not None else recompute(call, state), labels, layers)
     offset = state.tokens_offset
