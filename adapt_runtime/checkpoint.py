@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from adapt_runtime.pending import PendingChunk
+from adapt_runtime.chunk import PendingChunk
 
 if TYPE_CHECKING:
     from adapt_runtime.state import FastWeights

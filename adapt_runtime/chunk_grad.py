@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapt_runtime.state import FastWeights
-
 if TYPE_CHECKING:
     from adapt_runtime.plastic import Binding
+    from adapt_runtime.state import FastWeights
 
 
 @contextmanager
@@ -56,7 +55,7 @@ def graph_of(logits: Tensor, bindings: dict[int, Binding], row: int, rows: Tenso
                           {i: b.records["probe"] for i, b in bindings.items()}, rows)
 
 
-Call = Callable[[Tensor, list[FastWeights], frozenset, bool], "tuple[Tensor, dict[int, Binding]]"]
+Call = Callable[[Tensor, "list[FastWeights]", frozenset, bool], "tuple[Tensor, dict[int, Binding]]"]
 
 
 def recompute(call: Call, s: FastWeights) -> ChunkGraph:
@@ -67,6 +66,8 @@ def recompute(call: Call, s: FastWeights) -> ChunkGraph:
     the stream holds after it (tokens fed with ``adapt=False``, or a forged state), since the logits of those
     positions depend on nothing later. A span longer than one chunk is refused: no row's write may cost more
     than one chunk's forward and backward on the model thread."""
+    from adapt_runtime.state import FastWeights  # the state module imports the chunk module, which imports this one
+
     positions = s.pending.positions
     first, last = positions[0], positions[-1]
     if last - first + 1 > s.spec.chunk_size:

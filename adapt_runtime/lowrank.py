@@ -5,18 +5,22 @@
 concatenation, ``[decay B, (c beta V)^T] [A; X]``, then re-truncated to rank r by a thin QR of each factor and an SVD
 of the small ``R_B R_A^T`` (cost ``O((d + f)(r + C)^2)``): the best rank-r approximation of ``decay S + c U``.
 After truncation ``B = Q_B U_k Sigma_k`` and ``A = V_k^T Q_A^T``, so ``||S||_F = ||B||_F`` (the norm bound rescales B).
-All in float32. The dense path (``state_rank=None``, the default) never calls this module.
+All in float32. ``adapt_runtime.write.apply_factors`` commits a chunk's write through ``fold_write`` (with the
+overflow guard and the norm bound of every write); the dense path (``state_rank=None``, the default) never calls
+this module.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from adapt_runtime.kernels.torch_ops import write_norms
-from adapt_runtime.rules import Write
-from adapt_runtime.state import FastWeights
-from adapt_runtime.writes import writes_are_safe
+
+if TYPE_CHECKING:
+    from adapt_runtime.rules import Write
 
 Factors = tuple[Tensor, Tensor]
 
@@ -80,30 +84,3 @@ def apply_slots(y: Tensor, x: Tensor, B_slab: Tensor, A_slab: Tensor, slots: Ten
         B, A = B_slab[slots], A_slab[slots]
     h = torch.bmm(x.float(), A.transpose(1, 2))  # [R, T, r]
     return y + torch.bmm(h, B.transpose(1, 2)).to(y.dtype)
-
-
-def apply_writes(s: FastWeights, writes: list[Write], decay: float, clip: float | None, w0_norm: dict[int, float],
-                 rank: int, norm_bound: float | None) -> bool:
-    """Fold every layer's write into ``s.factors`` or none of them (same refusal and counters as the dense
-    ``writes.apply_writes``), then bound each written layer's ``||S||_F`` to ``norm_bound * ||W0||_F``."""
-    if not writes:
-        return True
-    if not writes_are_safe(s, writes):
-        return False
-    folded = {}
-    for w in writes:
-        shape = s.spec.shapes[s.spec.layers.index(w.layer)]
-        max_norm = None if clip is None else clip * w0_norm[w.layer]
-        new = fold_write(s.factors.get(w.layer), shape, w, decay if w.decay is None else w.decay, max_norm, rank)
-        if new is None:
-            s.refused_writes += 1
-            return False
-        if norm_bound is not None:
-            limit, norm = norm_bound * w0_norm[w.layer], float(torch.linalg.vector_norm(new[0]))
-            if norm > limit:
-                new = (new[0] * (limit / norm), new[1])
-        folded[w.layer] = new
-    s.factors.update(folded)
-    s.writes += 1
-    s.bump()
-    return True

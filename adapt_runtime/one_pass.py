@@ -22,11 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from adapt_runtime import kernels
-from adapt_runtime.chunk import Chunk
-from adapt_runtime.chunk_collect import labels_of
+from adapt_runtime.chunk import Chunk, labels_of
 from adapt_runtime.rules import Rule, Write
 from adapt_runtime.state import FastWeights
-from adapt_runtime.writes import OVERFLOW_GUARD, write_bound
+from adapt_runtime.write import OVERFLOW_GUARD, write_bound
 
 
 def segments(start: int, total: int, chunk_size: int) -> list[tuple[int, int, bool]]:
@@ -283,7 +282,7 @@ class OnePass:
                      **per_layer)
 
     def _write(self, i: int, S: Tensor, slot: Tensor, writes: list[Write]) -> bool:
-        """One chunk's write of layer ``i`` into ``S`` `[1, d, f]` as ``apply_writes`` and the norm bound make it;
+        """One chunk's write of layer ``i`` into ``S`` `[1, d, f]` as ``write.apply`` makes it (guard, clip, bound);
         False (nothing written) where the segment path would not write it the same way."""
         if len(writes) != 1 or writes[0].layer != i:
             return False

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from adapt_runtime.architectures import arch_spec, get_path, set_path
+from adapt_runtime.chunk import FINAL_SCALE
 from adapt_runtime.config import RuntimeConfig, select_layers
 from adapt_runtime.errors import AlreadyPatchedError
-from adapt_runtime.plastic import FINAL_SCALE, PlasticDown, Tap, final_scale, hidden
-from adapt_runtime.rules import RULES, InPlaceTTTRule, Rule, make_rule
+from adapt_runtime.plastic import PlasticDown, Tap, final_scale, hidden
+from adapt_runtime.rules import RULES, InPlaceTTTRule, Rule, make_rule, rule_class
+from adapt_runtime.rules.steps import with_defaults
 from adapt_runtime.runtime import Runtime
 
 
@@ -25,7 +27,7 @@ def fingerprint(weights: list[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _defaults(rule: Rule, chunk_size, layers, lr, decay, clip, norm_bound=None) -> dict[str, Any]:
+def _defaults(rule: Rule, chunk_size, layers, lr, decay, clip, norm_bound, default_bound) -> dict[str, Any]:
     if isinstance(rule, InPlaceTTTRule):
         chunk_size = chunk_size if chunk_size is not None else rule.ttt_chunk
         layers = layers if layers is not None else rule.ttt_layers
@@ -36,7 +38,7 @@ def _defaults(rule: Rule, chunk_size, layers, lr, decay, clip, norm_bound=None) 
         "lr": float(lr if lr is not None else rule.default_lr),
         "decay": float(decay if decay is not None else rule.default_decay),
         "clip": clip if clip is not None else rule.default_clip,
-        "norm_bound": (norm_bound or None) if norm_bound is not None else rule.default_norm_bound,  # 0: no bound
+        "norm_bound": (norm_bound or None) if norm_bound is not None else default_bound,  # 0: no bound
     }
 
 
@@ -67,15 +69,17 @@ def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None
     reads_folder = rule == "inplace-ttt" or getattr(RULES.get(rule), "reads_checkpoint", False)  # learned rules
     if isinstance(rule, str) and reads_folder and "checkpoint" not in rule_options and "conv" not in rule_options:
         rule_options["checkpoint"] = getattr(model, "name_or_path", None) or None
-    if state_rank is not None and isinstance(rule, str):  # a rank-r state takes the rule's defaults for one
-        for key, value in getattr(RULES.get(rule), "rank_defaults", {}).items():
-            if key == "norm_bound":
-                norm_bound = value if norm_bound is None else norm_bound
-            else:
-                rule_options.setdefault(key, value)
-    rule_obj = make_rule(rule, **rule_options)
+    # the rule's defaults for this runtime (``Rule.defaults_for``): a named rule is made with its step options for
+    # the state rank; a rule object was made by hand, for a dense S, and keeps its own
+    if isinstance(rule, str):
+        defaults = rule_class(rule).defaults_for(rule_options, state_rank)
+        rule_options = with_defaults(defaults.steps, rule_options)
+        rule_obj = make_rule(rule, **rule_options)
+    else:
+        rule_obj = make_rule(rule, **rule_options)
+        defaults = rule_obj.defaults_for(rule_obj.options())
     decoder_layers = get_path(model, spec.layers)
-    opts = _defaults(rule_obj, chunk_size, layers, lr, decay, clip, norm_bound)
+    opts = _defaults(rule_obj, chunk_size, layers, lr, decay, clip, norm_bound, defaults.norm_bound)
     config = RuntimeConfig(rule=rule_obj.name, chunk_size=opts["chunk_size"],
                            layers=select_layers(opts["layers"], len(decoder_layers)), lr=opts["lr"],
                            decay=opts["decay"], clip=opts["clip"], state_dtype=state_dtype,

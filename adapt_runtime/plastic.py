@@ -22,9 +22,6 @@ from adapt_runtime import kernels, lowrank
 if TYPE_CHECKING:
     from adapt_runtime.one_pass import OnePass
 
-FINAL_SCALE = "inv_rms"  # record name of the final norm's scale (also its name in a state's pending targets)
-
-
 @dataclass
 class Binding:
     """What one plastic layer does during one model call (set by the runtime, cleared after).
@@ -35,7 +32,7 @@ class Binding:
             ``slots`` naming each row's slot; or None.
         slots: `[B]` the slot of each row in ``per_row``, or None (row b reads ``per_row[b]``).
         capture: names to record: ``x`` (input `[B, T, f]`), ``y`` (output `[B, T, d]`), ``h`` (the MLP's
-            hidden input `[B, T, d]`), ``inv_rms`` (``FINAL_SCALE``, the final norm's scale `[B, T]`).
+            hidden input `[B, T, d]`), ``inv_rms`` (``chunk.FINAL_SCALE``, the final norm's scale `[B, T]`).
         grad_probe: add a zero tensor that requires grad to the output, so that ``dL/dy`` can be taken.
     """
 

@@ -14,20 +14,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from adapt_runtime import lowrank
 from adapt_runtime.architectures import ArchSpec, set_path
-from adapt_runtime.chunk_collect import finished, label_last, labelled, record
+from adapt_runtime.chunk import FINAL_SCALE, label_last, labelled, record
 from adapt_runtime.chunk_grad import ChunkGraph, autograd_on, graph_of, normal
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
 from adapt_runtime.kv import assemble, scatter
-from adapt_runtime.norm_bound import bound_norms
 from adapt_runtime.one_pass import OnePass
-from adapt_runtime.plastic import FINAL_SCALE, Binding, PlasticDown
+from adapt_runtime.plastic import Binding, PlasticDown
 from adapt_runtime.rules import Rule
 from adapt_runtime.slots import SlotPool
 from adapt_runtime.state import FastWeights, StateSpec
-from adapt_runtime.writes import apply_writes
+from adapt_runtime.write import fire
 
 if TYPE_CHECKING:
     from adapt_runtime.read import ReadResult
@@ -116,9 +114,9 @@ class Runtime:
                 raise ContextOverflowError(
                     f"{s.kv_len} cached + {total} new tokens exceed the model's {self.max_length} positions; "
                     "call state.drop_kv() to continue with the fast weights alone")
-        if not adapt and self.rule.writes and total:  # the unadapted positions are skipped, the labels stay aligned
+        if not adapt and self.rule.adapts and total:  # the unadapted positions are skipped, the labels stay aligned
             label_last(self.rule, states, ids[:, 0].tolist())
-        adapt = adapt and self.rule.writes
+        adapt = adapt and self.rule.adapts
         if adapt and total > 1 and self._one_pass_rule():
             self._fire_writes(states, ids[:, 0], {})  # the segment path's first step (a second one is a no-op)
             out = self._one_pass(ids, states, last)
@@ -315,21 +313,8 @@ class Runtime:
 
     # ------------------------------------------------------------------ writes
     def _fire_writes(self, states: list[FastWeights], next_tokens: Tensor, graphs: dict[int, ChunkGraph]) -> None:
-        C = self.config.chunk_size
-        tokens = next_tokens.tolist()
-        waiting = [b for b, s in enumerate(states) if len(s.pending)]
-        label_last(self.rule, [states[b] for b in waiting], [tokens[b] for b in waiting])
-        done = [b for b in waiting if states[b].pending.chunk != states[b].tokens_seen // C]
-        chunks = [finished(self.rule, states[b], tokens[b], self.config.lr, graphs.get(id(states[b])), self._call)
-                  for b in done]
-        for b, writes in zip(done, self.rule.write_rows(chunks) if chunks else []):
-            s = states[b]
-            if self.config.state_rank is not None:
-                lowrank.apply_writes(s, writes, self.config.decay, self.config.clip, self._w0_norm,
-                                     self.config.state_rank, self.config.norm_bound)
-            elif apply_writes(s, writes, self.config.decay, self.config.clip, self._w0_norm):
-                bound_norms(s, self.config.norm_bound, self._w0_norm)
-            s.pending.clear()
+        """The writes of the rows whose chunk ``next_tokens`` finishes (``adapt_runtime.write.fire``)."""
+        fire(self.rule, states, next_tokens, self.config, self._w0_norm, graphs, self._call)
 
     def read(self, input_ids: Tensor | Sequence[int], state: FastWeights, window: int | None = None,
              progress: bool = False, on_window: Callable[[int, int, float], None] | None = None) -> ReadResult:

@@ -1,7 +1,7 @@
 """``SlotPool``: resident sessions' fast weights in per-layer slabs `[N, d, f]`, one slot per session.
 
 A multi-row call binds each row's state to a slot. While bound, the state's ``S[layer]`` *is* a view of its slab row,
-so the chunk writes (``apply_writes``, the norm bound) go in place into the slot and the apply reads S by slot index:
+so the chunk writes (``write.apply``, the norm bound) go in place into the slot and the apply reads S by slot index:
 a decode step over rows already resident copies no fast weights. A state's S stays a plain ``[d, f]`` tensor to
 everything else (save, clone, fork, ``delta_norms``); one that was replaced (a load, a reset, the first write of a
 layer) is copied into the slot on the next bind. A slot is freed when its state is garbage-collected or evicted

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from adapt_runtime.chunk import FINAL_SCALE
 from adapt_runtime.errors import IncompatibleStateError, MalformedStateError
-from adapt_runtime.plastic import FINAL_SCALE
 
 if TYPE_CHECKING:
     from adapt_runtime.runtime import Runtime
@@ -302,7 +302,7 @@ def target_shapes(rt: Runtime) -> dict[str, tuple[int, ...]]:
     shapes = _TARGET_SHAPES.get(rt)
     if shapes is None:
         shapes = {}
-        if rt.rule.writes and rt.rule.stashes_targets:
+        if rt.rule.adapts and rt.rule.stashes_targets:
             with torch.no_grad():
                 logits = torch.zeros(1, rt.vocab_size, device=rt.device)
                 out = rt.rule.targets(logits, torch.zeros(1, dtype=torch.long, device=rt.device))
@@ -329,7 +329,7 @@ def _check_targets(tensors: dict[str, Tensor], n: int, rt: Runtime) -> None:
         _values(t, key, (None, *expected[name]))
         if t.shape[0] > n:
             raise MalformedStateError(f"state file {key!r} has {t.shape[0]} rows for {n} pending positions")
-    if rt.rule.writes and rt.rule.reads_final_norm and FINAL_SCALE not in present:
+    if rt.rule.adapts and rt.rule.reads_final_norm and FINAL_SCALE not in present:
         raise MalformedStateError(f"state file is incomplete: no 'pending.target.{FINAL_SCALE}' for its {n} pending "
                                   "positions")
     counts = {name: int(present[name].shape[0]) for name in expected if name in present}

@@ -6,7 +6,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from adapt_runtime.chunk import Chunk
-from adapt_runtime.rules.base import NoneRule, Rule, Write
+from adapt_runtime.rules.base import NoneRule, Rule, RuleDefaults, Write
 from adapt_runtime.rules.gradient import GradientRule
 from adapt_runtime.rules.hebbian import HebbianRule
 from adapt_runtime.rules.inplace_ttt import InPlaceTTTRule
@@ -34,16 +34,22 @@ def rule_names() -> tuple[str, ...]:
     return tuple(RULES)
 
 
+def rule_class(name: str) -> type[Rule]:
+    """The rule class registered under ``name`` (plugins included); ``ValueError`` for an unknown name."""
+    if name not in RULES and name not in rule_names():
+        raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
+    return RULES[name]
+
+
 def make_rule(rule: str | Rule, **options: Any) -> Rule:
     """A rule object from a name and its options (or the object itself)."""
     if isinstance(rule, Rule):
         if options:
             raise ValueError("rule options are given to the rule object's constructor, not to patch()")
         return rule
-    if rule not in RULES and rule not in rule_names():
-        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    cls = rule_class(rule)
     try:
-        return RULES[rule](**options)
+        return cls(**options)
     except TypeError as err:
         raise ValueError(f"bad options for rule {rule!r}: {err}") from None
 
@@ -57,8 +63,10 @@ __all__ = [
     "InPlaceTTTRule",
     "NoneRule",
     "Rule",
+    "RuleDefaults",
     "Steps",
     "Write",
     "make_rule",
+    "rule_class",
     "rule_names",
 ]

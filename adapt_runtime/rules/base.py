@@ -16,14 +16,15 @@ asked, the write itself). A rule is a function of tensors: it never sees the run
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from adapt_runtime.chunk import Chunk
-from adapt_runtime.rules.steps import Steps
+from adapt_runtime.rules.steps import Steps, with_defaults
 
 if TYPE_CHECKING:
     from adapt_runtime.architectures import ArchSpec
@@ -43,6 +44,13 @@ class Write:
     decay: float | None = None  # this write's factor on the old S, in place of the runtime's decay (learned rules)
 
 
+class RuleDefaults(NamedTuple):
+    """What a rule takes where its caller gives nothing (``Rule.defaults_for``)."""
+
+    steps: dict[str, Any]  # step options (``adapt_runtime.rules.steps.Steps``); given ones win key by key
+    norm_bound: float | None  # the runtime's ``norm_bound`` (``RuntimeConfig``); None: no bound
+
+
 def key_scale(keys: list[Tensor]) -> Tensor:
     """``n * mean ||x||^2`` over a chunk's keys in all plastic layers: the divisor of a normalised rate.
 
@@ -59,6 +67,7 @@ class Rule:
     What the runtime collects for the rule is declared here: ``capture`` names the per-layer records kept for
     each position (``x`` the down projection's input, ``y`` its output, ``h`` the MLP's hidden input);
     ``reads_final_norm`` the final norm's scale; ``needs_grad`` the gradient ``dL/dy`` of each plastic layer.
+    ``adapts`` False says the rule never writes (``NoneRule``): the runtime then collects nothing for it.
 
     ``layer_local``: the write of each plastic layer reads only that layer's own records, the chunk's tokens and
     labels, and (rules that stash targets) what ``label_targets`` gives from the labels alone: no logits, no final
@@ -70,19 +79,34 @@ class Rule:
     capture: frozenset[str] = frozenset()
     needs_grad: ClassVar[bool] = False
     reads_final_norm: bool = False
-    writes: ClassVar[bool] = True
+    adapts: ClassVar[bool] = True  # False: the rule never writes S (the runtime collects nothing for it)
     layer_local: bool = False
     default_lr: ClassVar[float] = 0.0
     default_chunk_size: ClassVar[int] = 32
     default_layers: ClassVar[str | tuple[int, ...]] = "all"
     default_decay: ClassVar[float] = 1.0
     default_clip: ClassVar[float | None] = None
+    # the defaults ``defaults_for`` reads: the norm bound and the step options (``adapt_runtime.rules.steps.Steps``)
+    # of a dense state, and what a rank-r state (``state_rank``, plain steps only) takes over them (step options
+    # and ``norm_bound``)
     default_norm_bound: ClassVar[float | None] = None
-    # step options (``adapt_runtime.rules.steps.Steps``) a rule that takes them starts from (``with_defaults``)
     default_steps: ClassVar[dict[str, Any]] = {}
-    # what a rank-r state (``state_rank``, plain steps only) takes instead where not given: step options and
-    # ``norm_bound`` (``patch``)
     rank_defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def defaults_for(cls, options: Mapping[str, Any], state_rank: int | None = None) -> RuleDefaults:
+        """The step options and norm bound of this rule made with ``options`` (its constructor's keywords) where
+        they are not given, on a runtime of ``state_rank`` (None: a dense S): ``default_steps`` and
+        ``default_norm_bound``, with ``rank_defaults`` over them on a rank-r state.
+
+        The one place a rule's defaults are decided: its constructor takes its step options from here (a rule made
+        by hand knows no state rank: the dense ones); ``patch`` takes the norm bound, and makes a rule named with
+        the step options for the runtime's state rank. Given options win key by key (``steps.with_defaults``)."""
+        if state_rank is None or not cls.rank_defaults:
+            return RuleDefaults(dict(cls.default_steps), cls.default_norm_bound)
+        rank = dict(cls.rank_defaults)
+        norm_bound = rank.pop("norm_bound", cls.default_norm_bound)
+        return RuleDefaults(with_defaults(cls.default_steps, rank), norm_bound)
 
     def options(self) -> dict[str, Any]:
         """Rule-specific options, JSON-able (recorded in the config and in state files)."""
@@ -137,4 +161,4 @@ class NoneRule(Rule):
     """No write: the patched model equals the base model."""
 
     name = "none"
-    writes = False
+    adapts = False

@@ -32,7 +32,7 @@ class GradientRule(Rule):
 
     def __init__(self, **steps: Any) -> None:
         """``steps``: the step options every rule takes (``adapt_runtime.rules.steps.Steps``)."""
-        self.steps = Steps(**with_defaults(self.default_steps, steps))
+        self.steps = Steps(**with_defaults(self.defaults_for({}).steps, steps))
 
     def options(self) -> dict[str, Any]:
         return self.steps.options()

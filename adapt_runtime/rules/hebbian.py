@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 
 from adapt_runtime.architectures import get_path
 from adapt_runtime.chunk import Chunk
-from adapt_runtime.rules.base import Rule, Write, key_scale
+from adapt_runtime.rules.base import Rule, RuleDefaults, Write, key_scale
 from adapt_runtime.rules.steps import Steps, with_defaults
 
 if TYPE_CHECKING:
@@ -43,16 +44,24 @@ class HebbianRule(Rule):
     default_norm_bound = None
     default_steps = {"write_form": "delta", "erase": 0.2}
     # the earlier defaults (plain writes under the bound), kept by rank-r states (no delta form there) and by the
-    # targets the sweep did not cover (``output`` and ``next_token``, which stay layer-local)
+    # targets the sweep did not cover (``output`` and ``next_token``, which stay layer-local): ``defaults_for``
     rank_defaults = {"write_form": "plain", "norm_bound": 0.05}
+
+    @classmethod
+    def defaults_for(cls, options: Mapping[str, Any], state_rank: int | None = None) -> RuleDefaults:
+        """The ``error`` target on a dense state: the delta form at erase 0.2 and no norm bound (``default_steps``,
+        ``default_norm_bound``); a rank-r state and the other targets: plain writes under the 0.05 bound
+        (``rank_defaults``)."""
+        if options.get("target", "error") == "error":
+            return super().defaults_for(options, state_rank)
+        steps = {k: v for k, v in cls.rank_defaults.items() if k != "norm_bound"}
+        return RuleDefaults(steps, cls.rank_defaults["norm_bound"])
 
     def __init__(self, target: str = "error", modulation: str = "none", topk: int = 32,
                  norm_jacobian: bool = True, **steps: Any) -> None:
-        """``steps``: the step options every rule takes (``adapt_runtime.rules.steps.Steps``)."""
-        swept = target == "error"
-        self.steps = Steps(**with_defaults(self.default_steps if swept else {}, steps))
-        if not swept:
-            self.default_norm_bound = self.rank_defaults["norm_bound"]
+        """``steps``: the step options every rule takes (``adapt_runtime.rules.steps.Steps``), over the rule's
+        defaults for ``target`` (``defaults_for``)."""
+        self.steps = Steps(**with_defaults(self.defaults_for({"target": target}).steps, steps))
         if target not in TARGETS:
             raise ValueError(f"hebbian target must be one of {TARGETS}, got {target!r}")
         if modulation not in MODULATIONS:

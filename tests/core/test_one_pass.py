@@ -326,7 +326,7 @@ def test_keys_of_packs_views_without_a_copy() -> None:
 
 
 def test_fits_float32_is_the_write_bound_with_a_margin() -> None:
-    from adapt_runtime.writes import OVERFLOW_GUARD, write_bound
+    from adapt_runtime.write import OVERFLOW_GUARD, write_bound
 
     V, X, beta = torch.randn(6, 4), torch.randn(6, 5), torch.rand(6)
     assert bool(one_pass.fits_float32(V, X, beta))

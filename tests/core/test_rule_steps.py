@@ -102,11 +102,11 @@ def test_delta_form_of_a_repeated_chunk_converges_to_its_targets(monkeypatch):
     d, f = state.spec.shapes[0]
     X = torch.linalg.qr(torch.randn(f, 4, dtype=torch.float64))[0].T.float()  # 4 orthonormal keys
     V = torch.randn(4, d)
-    from adapt_runtime.writes import apply_writes
+    from adapt_runtime.write import apply_dense
 
     steps = Steps(write_form="delta")
     for _ in range(3):
-        assert apply_writes(state, [Write(layer, V, X, torch.ones(4), steps)], 1.0, None, rt._w0_norm)
+        assert apply_dense(state, [Write(layer, V, X, torch.ones(4), steps)], 1.0, None, rt._w0_norm)
         assert_close(state.S[layer] @ X.T, V.T, "definition")
     assert state.writes == 3
 
@@ -436,7 +436,7 @@ def test_erase_without_the_delta_form_is_refused():
 
 @pytest.mark.parametrize("scale", [1e-20, 1.0, 1e10, 1e25], ids=lambda s: f"scale{s:g}")
 def test_the_guards_retrieval_norm_bounds_the_exact_norm(scale):
-    from adapt_runtime.writes import OVERFLOW_GUARD, retrieval_norm
+    from adapt_runtime.write import OVERFLOW_GUARD, retrieval_norm
 
     S = torch.randn(64, 172, generator=torch.Generator().manual_seed(0)) * scale
     exact = torch.linalg.vector_norm(S.double())
