@@ -30,7 +30,8 @@ def _shallow(pending: PendingChunk) -> PendingChunk:
     """The pending chunk's structure, the tensors shared (a turn appends pieces and clears; it never edits one)."""
     return PendingChunk(chunk=pending.chunk, positions=list(pending.positions),
                         layers={name: {k: list(p) for k, p in per.items()} for name, per in pending.layers.items()},
-                        targets={name: list(p) for name, p in pending.targets.items()})
+                        targets={name: list(p) for name, p in pending.targets.items()},
+                        retrieved={layer: list(p) for layer, p in pending.retrieved.items()})
 
 
 class Checkpoint:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from adapt_runtime.rules import Rule
     from adapt_runtime.state import FastWeights
 
+RETRIEVED = "sx"  # record name of ``S x``, the fast weights' own part of a plastic layer's output
+RETRIEVAL_KEY = "retrieved"  # its state-file key: ``pending.retrieved.<layer>``
 FINAL_SCALE = "inv_rms"  # record name of the final norm's scale (also its name in a state's pending targets)
 
 
@@ -41,12 +43,17 @@ class PendingChunk:
         layers: per plastic layer and capture name (``x``, ``y``, ``h``), the rows as a list of `[n, *]` pieces.
         targets: per-position shared targets ``v`` `[n, d]` and rates ``beta`` `[n]` computed so far (rules
             whose target needs only the next token fill these as labels arrive).
+        retrieved: per plastic layer ``S x_t`` `[n, d]` as the positions were read (the runtime records it for the
+            delta form where the forward formed it apart): it saves the write a product with S. State files hold
+            it (``pending.retrieved.<layer>``) where every pending position has it; a chunk that lacks it for any
+            position forms the product anew (an older file, a chunk read partly by single-token calls).
     """
 
     chunk: int = -1
     positions: list[int] = field(default_factory=list)
     layers: dict[str, dict[int, list[Tensor]]] = field(default_factory=dict)
     targets: dict[str, list[Tensor]] = field(default_factory=dict)
+    retrieved: dict[int, list[Tensor]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -56,6 +63,7 @@ class PendingChunk:
         self.positions.clear()
         self.layers.clear()
         self.targets.clear()
+        self.retrieved.clear()
 
     def add_rows(self, name: str, layer: int, rows: Tensor) -> None:
         self.layers.setdefault(name, {}).setdefault(layer, []).append(rows)
@@ -77,6 +85,13 @@ class PendingChunk:
             pieces[:] = [torch.cat(pieces)]
         return pieces[0]
 
+    def retrieval(self, layer: int) -> Tensor | None:
+        """``S x`` `[n, d]` of every pending position of ``layer``, or None when any position's was not recorded."""
+        pieces = self.retrieved.get(layer)
+        if not pieces or sum(p.shape[0] for p in pieces) != len(self.positions):
+            return None
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     def target_len(self, name: str) -> int:
         return sum(p.shape[0] for p in self.targets.get(name, []))
 
@@ -90,6 +105,11 @@ class PendingChunk:
             value = self.target(name)
             if value is not None:
                 out[f"pending.target.{name}"] = value
+        for layer in list(self.retrieved):
+            value = self.retrieval(layer)
+            if value is not None:
+                self.retrieved[layer] = [value]
+                out[f"pending.{RETRIEVAL_KEY}.{layer}"] = value
         return out
 
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -97,6 +117,8 @@ class PendingChunk:
             parts = key.split(".")
             if parts[:2] == ["pending", "target"]:
                 self.targets[parts[2]] = [value]
+            elif parts[:2] == ["pending", RETRIEVAL_KEY]:
+                self.retrieved[int(parts[2])] = [value]
             elif parts[0] == "pending":
                 self.layers.setdefault(parts[1], {})[int(parts[2])] = [value]
 
@@ -109,11 +131,16 @@ class PendingChunk:
             value = self.target(name)
             if value is not None:
                 copy.add_target(name, value.clone())
+        for layer in self.retrieved:
+            value = self.retrieval(layer)
+            if value is not None:
+                copy.retrieved[layer] = [value.clone()]
         return copy
 
     @property
     def nbytes(self) -> int:
         total = sum(p.numel() * p.element_size() for d in self.layers.values() for ps in d.values() for p in ps)
+        total += sum(p.numel() * p.element_size() for ps in self.retrieved.values() for p in ps)
         return total + sum(p.numel() * p.element_size() for ps in self.targets.values() for p in ps)
 
 
@@ -136,6 +163,8 @@ class Chunk:
             ``reads_final_norm``), else None.
         grads: per layer ``dL/dy`` `[n, d]` for L the chunk's summed next-token cross-entropy under ``labels``
             (rules with ``needs_grad``), else empty.
+        retrieved: per layer ``S x_t`` `[n, d]` under the S the chunk was read with (``PendingChunk.retrieved``),
+            for layers where every position's was recorded; the write's delta form takes it for ``X S^T``.
     """
 
     layers: tuple[int, ...]
@@ -148,6 +177,7 @@ class Chunk:
     targets: dict[str, Tensor] = field(default_factory=dict)
     final_scale: Tensor | None = None
     grads: dict[int, Tensor] = field(default_factory=dict)
+    retrieved: dict[int, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -189,6 +219,8 @@ def record(rule: Rule, states: Sequence[FastWeights], starts: Sequence[int], bin
         for i, binding in bindings.items():
             for name in rule.capture:
                 pending.add_rows(name, i, binding.records[name][b])
+            if RETRIEVED in binding.records:
+                pending.retrieved.setdefault(i, []).append(binding.records[RETRIEVED][b])
         if FINAL_SCALE in last.records:
             pending.add_target(FINAL_SCALE, last.records[FINAL_SCALE].reshape(rows, -1)[b])
     k = nxt.shape[1]
@@ -237,6 +269,7 @@ def finished(rule: Rule, state: FastWeights, next_token: int, lr: float, graph: 
     tokens = torch.tensor([state.tokens[p - offset] for p in pending.positions], dtype=torch.long,
                           device=labels.device)
     targets = {name: pending.target(name) for name in list(pending.targets) if name != FINAL_SCALE}
+    retrieved = {i: r for i in layers if (r := pending.retrieval(i)) is not None}
     return Chunk(layers=layers, x=x, labels=labels, tokens=tokens, lr=lr, y=rows("y"), h=rows("h"),
                  targets={k: v for k, v in targets.items() if v is not None},
-                 final_scale=pending.target(FINAL_SCALE), grads=grads)
+                 final_scale=pending.target(FINAL_SCALE), grads=grads, retrieved=retrieved)

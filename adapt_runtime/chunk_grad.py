@@ -79,7 +79,7 @@ def recompute(call: Call, s: FastWeights) -> ChunkGraph:
     tmp = FastWeights(s.spec)
     tmp.S, tmp.factors, tmp.version = s.S, s.factors, s.version
     if keep:
-        tmp.kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in s.kv]
+        tmp.kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in s.kv or []]
         tmp.kv_tokens = keep
     device = s.spec.device
     ids = torch.tensor([ids_list], device=device)

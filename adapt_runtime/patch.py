@@ -66,7 +66,8 @@ def patch(model: nn.Module, rule: str | Rule = "hebbian", chunk_size: int | None
     spec = arch_spec(model)
     if any(isinstance(m, PlasticDown) for m in model.modules()):
         raise AlreadyPatchedError("this model is already patched; call rt.unpatch() first")
-    reads_folder = rule == "inplace-ttt" or getattr(RULES.get(rule), "reads_checkpoint", False)  # learned rules
+    reads_folder = rule == "inplace-ttt" or (isinstance(rule, str)
+                                            and getattr(RULES.get(rule), "reads_checkpoint", False))  # learned rules
     if isinstance(rule, str) and reads_folder and "checkpoint" not in rule_options and "conv" not in rule_options:
         rule_options["checkpoint"] = getattr(model, "name_or_path", None) or None
     # the rule's defaults for this runtime (``Rule.defaults_for``): a named rule is made with its step options for

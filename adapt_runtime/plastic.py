@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapt_runtime import kernels, lowrank
+from adapt_runtime.chunk import RETRIEVED
 
 if TYPE_CHECKING:
     from adapt_runtime.one_pass import OnePass
@@ -32,7 +33,8 @@ class Binding:
             ``slots`` naming each row's slot; or None.
         slots: `[B]` the slot of each row in ``per_row``, or None (row b reads ``per_row[b]``).
         capture: names to record: ``x`` (input `[B, T, f]`), ``y`` (output `[B, T, d]`), ``h`` (the MLP's
-            hidden input `[B, T, d]`), ``inv_rms`` (``chunk.FINAL_SCALE``, the final norm's scale `[B, T]`).
+            hidden input `[B, T, d]`), ``inv_rms`` (``chunk.FINAL_SCALE``, the final norm's scale `[B, T]`),
+            ``sx`` (``RETRIEVED``: ``S x`` `[B, T, d]`, recorded on the per-row path only).
         grad_probe: add a zero tensor that requires grad to the output, so that ``dL/dy`` can be taken.
     """
 
@@ -81,11 +83,17 @@ class PlasticDown(nn.Module):
             y = self.base(x) if b.one_pass is None else b.one_pass.layer(self.index, x, self, b.records)
             if b.per_row is not None:
                 rows, steps = x.shape[0], x.shape[1]
-                flat_y = y.reshape(rows * steps, -1).clone()
                 slots = b.slots if b.slots is not None else torch.arange(rows, device=x.device)
                 offsets = None if steps == 1 else torch.arange(rows + 1, device=x.device) * steps
-                kernels.apply(flat_y, x.reshape(rows * steps, -1), b.per_row, slots, offsets)
-                y = flat_y.view_as(y)
+                if RETRIEVED in b.capture:  # S x apart: the delta form's retrieval, read again at the write
+                    sx = y.new_zeros(rows * steps, y.shape[-1])
+                    kernels.apply(sx, x.reshape(rows * steps, -1), b.per_row, slots, offsets)
+                    b.records[RETRIEVED] = sx.view_as(y).detach()
+                    y = y + sx.view_as(y)
+                else:
+                    flat_y = y.reshape(rows * steps, -1).clone()
+                    kernels.apply(flat_y, x.reshape(rows * steps, -1), b.per_row, slots, offsets)
+                    y = flat_y.view_as(y)
             if b.factors is not None:
                 y = lowrank.apply_rows(y, x, b.factors)
             if b.factor_slabs is not None:

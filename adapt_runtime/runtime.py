@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from adapt_runtime.architectures import ArchSpec, set_path
-from adapt_runtime.chunk import FINAL_SCALE, label_last, labelled, record
+from adapt_runtime.chunk import FINAL_SCALE, RETRIEVED, label_last, labelled, record
 from adapt_runtime.chunk_grad import ChunkGraph, autograd_on, graph_of, normal
 from adapt_runtime.config import RuntimeConfig
 from adapt_runtime.errors import ContextOverflowError
@@ -59,11 +59,17 @@ class Runtime:
                               or 1 << 30)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._capture = rule.capture | ({FINAL_SCALE} if rule.reads_final_norm else set())
+        # the delta form retrieves S x at the write: a dense state records it where the forward forms it apart
+        steps = getattr(rule, "steps", None)
+        self._retrieves = (config.state_rank is None and steps is not None and steps.write_form == "delta"
+                           and steps.fast_decay is None)
         self._cache_arg = cache_argument(model)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # multi-row calls keep each row's S in slot storage (None: stack every row's S per call, as before)
         self.slot_pool: SlotPool | None = SlotPool(self.state_spec)
         self.one_pass = True  # layer-local rules read spans in one pass (False: segment by segment, as other rules)
+        # the delta form's retrieval recorded in the forward (False: formed at the write, as before; benchmarks)
+        self.record_retrieval = True
         self.patched = True
 
     def __repr__(self) -> str:
@@ -138,19 +144,21 @@ class Runtime:
             grad = (adapt and self.rule.needs_grad and rows == 1 and states[0].tokens_seen % C == 0
                     and seg == C and pos + seg < total)
             capture = set(self._capture) if adapt else set()
+            if adapt and self._retrieves and self.record_retrieval:
+                capture.add(RETRIEVED)
             if grad:
                 capture.add("x")
             seg_ids = ids[:, pos : pos + seg]
-            logits, bindings = self._call(seg_ids, states, frozenset(capture), grad, keep)
+            scores, bindings = self._call(seg_ids, states, frozenset(capture), grad, keep)
             nxt = ids[:, pos + 1 : pos + seg + 1]
             starts = [s.tokens_seen for s in states]
             for b, s in enumerate(states):
                 s.tokens.extend(seg_ids[b].tolist())
                 if grad:
-                    graphs[id(s)] = graph_of(logits, bindings, b)
+                    graphs[id(s)] = graph_of(scores, bindings, b)
             if adapt:
-                record(self.rule, states, starts, bindings, logits.detach(), nxt, C, n=seg)
-            outs.append(logits[:, -1:].detach() if last else logits.detach())
+                record(self.rule, states, starts, bindings, scores.detach(), nxt, C, n=seg)
+            outs.append(scores[:, -1:].detach() if last else scores.detach())
             pos += seg
         if not outs:
             return torch.empty(rows, 0, self.vocab_size)
@@ -193,7 +201,7 @@ class Runtime:
         """One model call; ``keep``: the logits of the last ``keep`` positions only (0: all)."""
         batched = assemble(states, ids.shape[1], self.device)
         if one_pass is None:
-            bindings = self._bind(states, capture, grad)
+            bindings = self._bind(states, capture, grad, ids.shape[1])
         else:  # each layer applies and writes its rows' chunks itself
             bindings = {i: Binding(capture=capture, rows=len(states), one_pass=one_pass) for i in self.plastic}
             for i, wrapper in self.plastic.items():
@@ -260,55 +268,66 @@ class Runtime:
             record(rule, [s], [start + t], records, trailing, ids[b : b + 1, t + 1 :], C)
         return logits[:, -1:] if last else logits
 
-    def _bind(self, states: list[FastWeights], capture: frozenset[str], grad: bool) -> dict[int, Binding]:
-        if self.config.state_rank is not None:
-            return self._bind_factors(states, capture, grad)
+    def _bind(self, states: list[FastWeights], capture: frozenset[str], grad: bool,
+              steps: int = 1) -> dict[int, Binding]:
+        """The plastic layers' bindings for one call of ``steps`` tokens per row. A single float row reads
+        ``W0 + S`` merged (reused until S changes), except where the delta form's retrieval is recorded and the call
+        reads several tokens: there ``S x`` is applied apart and kept, and the write forms no product with S (the
+        same multiply-adds as the merged call's retrieval at the write, without the merge)."""
+        rank = self.config.state_rank
+        if rank is not None:
+            return self._bind_factors(states, capture, grad, rank)
         bindings = {}
         single = states[0] if len(states) == 1 else None
-        if single is not None and self._merge_ok and not single.is_zero:
+        merge = self._merge_ok and (steps == 1 or RETRIEVED not in capture)
+        if single is not None and merge and not single.is_zero:
             self._refresh_merged(single)
-        slots = None
-        if single is None and self.slot_pool is not None and not grad:
+        slots, pool = None, self.slot_pool
+        if single is None and pool is not None and not grad:
             layers = [i for i in self.plastic if any(s.S[i] is not None for s in states)]
-            slots = self.slot_pool.bind(states, layers) if layers else None
+            slots = pool.bind(states, layers) if layers else None
         for i, wrapper in self.plastic.items():
             binding = Binding(capture=capture, grad_probe=grad, rows=len(states))
             deltas = [s.S[i] for s in states]
             if single is not None and deltas[0] is not None:
-                if self._merge_ok:
+                if merge:
                     binding.merged = normal(self._merged[i]) if grad else self._merged[i]
                 else:
                     binding.per_row = (normal(deltas[0]) if grad else deltas[0])[None]
-            elif slots is not None and any(d is not None for d in deltas):
-                binding.per_row, binding.slots = self.slot_pool.slabs[i], slots
+            elif pool is not None and slots is not None and any(d is not None for d in deltas):
+                binding.per_row, binding.slots = pool.slabs[i], slots
             elif any(d is not None for d in deltas):
                 zero = torch.zeros(wrapper.weight0.shape, dtype=self.state_spec.dtype, device=self.device)
                 binding.per_row = torch.stack([d if d is not None else zero for d in deltas])
             wrapper.binding = bindings[i] = binding
         return bindings
 
-    def _bind_factors(self, states: list[FastWeights], capture: frozenset[str], grad: bool) -> dict[int, Binding]:
-        """``state_rank``: each row's factors, applied as ``W0 x + B (A x)`` (``adapt_runtime.lowrank``)."""
-        bindings, slots = {}, None
-        if len(states) > 1 and self.slot_pool is not None and not grad:  # rows read their slots' factor slabs
+    def _bind_factors(self, states: list[FastWeights], capture: frozenset[str], grad: bool,
+                      rank: int) -> dict[int, Binding]:
+        """``state_rank`` ``rank``: each row's factors, applied as ``W0 x + B (A x)`` (``adapt_runtime.lowrank``)."""
+        bindings, slots, pool = {}, None, self.slot_pool
+        if len(states) > 1 and pool is not None and not grad:  # rows read their slots' factor slabs
             layers = [i for i in self.plastic if any(s.factors.get(i) is not None for s in states)]
-            slots = self.slot_pool.bind_factors(states, layers, self.config.state_rank) if layers else None
+            slots = pool.bind_factors(states, layers, rank) if layers else None
         for i, wrapper in self.plastic.items():
             rows = [s.factors.get(i) for s in states]
             if grad:
                 rows = [None if f is None else (normal(f[0]), normal(f[1])) for f in rows]
             factors = rows if any(f is not None for f in rows) else None
             binding = Binding(capture=capture, grad_probe=grad, rows=len(states), factors=factors)
-            if slots is not None and factors is not None:
-                binding.factors, binding.factor_slabs, binding.slots = None, self.slot_pool.factor_slabs[i], slots
+            if pool is not None and slots is not None and factors is not None:
+                binding.factors, binding.factor_slabs, binding.slots = None, pool.factor_slabs[i], slots
             wrapper.binding = bindings[i] = binding
         return bindings
 
     def _refresh_merged(self, state: FastWeights) -> None:
         key = (id(state), state.version)
         if self._merged_key != key:
-            self._merged = {i: (w.weight0 + state.S[i].to(w.weight0.dtype)) if state.S[i] is not None
-                            else w.weight0 for i, w in self.plastic.items()}
+            merged = {}
+            for i, w in self.plastic.items():
+                S = state.S[i]
+                merged[i] = w.weight0 if S is None else w.weight0 + S.to(w.weight0.dtype)
+            self._merged = merged
             self._merged_key = key
 
     # ------------------------------------------------------------------ writes

@@ -15,7 +15,8 @@ Bounds on magnitudes (finite is not enough: a finite S of 3e38 overflows the fir
 * Factors ``B``, ``A`` of a rank-r runtime (``state_rank``; S = B A): shapes ``[d, k]``, ``[k, f]`` with
   ``k <= r``, each factor's entries and the S they imply within the S bound (``check_factors``). A rank-r runtime's
   file holds no dense S and a dense runtime's no factors; a file of another state rank is incompatible.
-* KV entries, pending rows and targets, ``last_logits``: ``max|x| <= MAX_ACTIVATION`` (1e6). Activations of trained
+* KV entries, pending rows and targets (``pending.retrieved.<layer>``, ``S x`` of every pending position, is
+  optional: ``[n, d]``), ``last_logits``: ``max|x| <= MAX_ACTIVATION`` (1e6). Activations of trained
   models stay far below (outlier features reach the 1e3-1e4 range), and larger keys overflow attention scores.
 * Counters and positions: integers in ``[0, MAX_POSITION]`` (2^40, about 1.1e12 tokens: days of a whole server's
   throughput in one session); ``writes + refused_writes`` at most the chunks the stream has completed (one write,
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from adapt_runtime.chunk import FINAL_SCALE
+from adapt_runtime.chunk import FINAL_SCALE, RETRIEVAL_KEY
 from adapt_runtime.errors import IncompatibleStateError, MalformedStateError
 
 if TYPE_CHECKING:
@@ -286,6 +287,11 @@ def _check_pending(tensors: dict[str, Tensor], chunk: int, offset: int, n_tokens
             if key not in tensors:
                 raise MalformedStateError(f"state file is incomplete: no {key!r} for its {n} pending positions")
             _values(tensors[key], key, (n, shape[dims.get(name, 0)]))
+            rows.discard(key)
+    for layer, shape in zip(spec.layers, spec.shapes):  # optional: S x of every pending position, where recorded
+        key = f"pending.{RETRIEVAL_KEY}.{layer}"
+        if key in tensors:
+            _values(tensors[key], key, (n, shape[0]))
             rows.discard(key)
     for key in sorted(rows):
         if not key.startswith("pending.target."):

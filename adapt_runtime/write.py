@@ -18,9 +18,11 @@ The step options. A rule's step options (``Write.steps``, ``adapt_runtime.rules.
 check, so a step that comes out non-finite is refused like any other write: per-layer rates scale ``beta``; the
 delta form alone is ``kernels.write``'s own (``erase``), and with a normalised or orthogonalised step its targets are
 formed first (``V - erase * decay * X S^T``); the orthogonalised step replaces the targets by the Newton-Schulz ones;
-the normalised step scales ``beta`` to the step's norm. Momentum and two time scales keep tensors of their own in the
-state (``FastWeights.extra``): the velocity takes the step through ``kernels.write`` and S takes the velocity; the
-slow part is folded in after the write (``step_with_extras``).
+the normalised step scales ``beta`` to the step's norm. Where the forward formed ``S x_t`` apart (``Chunk.retrieved``:
+a dense state read several tokens at a time), the delta form's retrieval is that record, ``V - erase * decay * R``,
+and no product with S is formed at the write (nor bounded: the guard sees the targets themselves). Momentum and two
+time scales keep tensors of their own in the state (``FastWeights.extra``): the velocity takes the step through
+``kernels.write`` and S takes the velocity; the slow part is folded in after the write (``step_with_extras``).
 
 The norm bound of long sessions: each layer's ``||S||`` held at most ``norm_bound * ||W0||`` by rescaling. A clip
 bounds each write; over a long stream the writes still add up, and past some norm the fast weights make unseen text
@@ -43,7 +45,7 @@ import torch
 from torch import Tensor
 
 from adapt_runtime import kernels, lowrank
-from adapt_runtime.chunk import finished, label_last
+from adapt_runtime.chunk import Chunk, finished, label_last
 from adapt_runtime.kernels.torch_ops import write_norms
 from adapt_runtime.rules import Rule, Write
 from adapt_runtime.rules.steps import Steps, newton_schulz
@@ -72,22 +74,37 @@ def fire(rule: Rule, states: Sequence[FastWeights], next_tokens: Tensor, config:
     label_last(rule, [states[b] for b in waiting], [tokens[b] for b in waiting])
     done = [b for b in waiting if states[b].pending.chunk != states[b].tokens_seen // C]
     chunks = [finished(rule, states[b], tokens[b], config.lr, graphs.get(id(states[b])), call) for b in done]
-    for b, writes in zip(done, rule.write_rows(chunks) if chunks else []):
+    for b, chunk, writes in zip(done, chunks, rule.write_rows(chunks) if chunks else []):
         s = states[b]
-        apply(s, writes, config, w0_norm)
+        apply(s, writes, config, w0_norm, retrieved_for(chunk, writes))
         s.pending.clear()
 
 
-def apply(s: FastWeights, writes: list[Write], config: RuntimeConfig, w0_norm: dict[int, float]) -> bool:
+def retrieved_for(chunk: Chunk, writes: list[Write]) -> dict[int, Tensor]:
+    """Per layer, ``S x_t`` of each key of the layer's write, from the chunk's record (``Chunk.retrieved``): only
+    where the write's keys are the chunk's own (the same storage, a prefix of its positions)."""
+    out = {}
+    for w in writes:
+        R, x = chunk.retrieved.get(w.layer), chunk.x.get(w.layer)
+        if (R is not None and x is not None and w.X.data_ptr() == x.data_ptr() and w.X.shape[1:] == x.shape[1:]
+                and w.X.stride() == x.stride() and w.X.shape[0] <= R.shape[0]):
+            out[w.layer] = R[: w.X.shape[0]]
+    return out
+
+
+def apply(s: FastWeights, writes: list[Write], config: RuntimeConfig, w0_norm: dict[int, float],
+          retrieved: dict[int, Tensor] | None = None) -> bool:
     """One chunk's ``writes`` onto ``s`` under the runtime's ``config`` (decay, clip, norm bound, state rank): every
-    layer or none, counted in ``s.writes`` or ``s.refused_writes``; each layer's norm then bounded.
+    layer or none, counted in ``s.writes`` or ``s.refused_writes``; each layer's norm then bounded. ``retrieved``:
+    per layer ``S x_t`` of the write's keys as the chunk was read (``retrieved_for``), which the delta form takes
+    for ``X S^T`` instead of forming it.
 
     Returns:
         True when the write was applied, False when it was refused (non-finite or overflowing inputs).
     """
     if config.state_rank is not None:
         return apply_factors(s, writes, config.decay, config.clip, w0_norm, config.state_rank, config.norm_bound)
-    if not apply_dense(s, writes, config.decay, config.clip, w0_norm):
+    if not apply_dense(s, writes, config.decay, config.clip, w0_norm, retrieved):
         return False
     bound_norms(s, config.norm_bound, w0_norm)
     return True
@@ -139,10 +156,11 @@ def writes_are_safe(s: FastWeights, writes: list[Write], erase: dict[int, float]
 
 
 # ------------------------------------------------------------------ the step options
-def take_steps(s: FastWeights, writes: list[Write], steps: Steps, decay: float,
-               w0_norm: dict[int, float]) -> tuple[list[Write], dict[int, float]]:
+def take_steps(s: FastWeights, writes: list[Write], steps: Steps, decay: float, w0_norm: dict[int, float],
+               retrieved: dict[int, Tensor] | None = None) -> tuple[list[Write], dict[int, float]]:
     """The writes of ``steps`` (see the module docstring) and, per layer, the ``erase`` left to ``kernels.write``
-    (none when the targets were formed here)."""
+    (none when the targets were formed here: from ``retrieved``, ``S x_t`` as the chunk was read, where given; none
+    either for a layer without S, whose retrieval is zero)."""
     fused = (steps.write_form == "delta" and steps.normalise is None and not steps.orthogonalise
              and not steps.extras)
     out, erase = [], {}
@@ -151,7 +169,10 @@ def take_steps(s: FastWeights, writes: list[Write], steps: Steps, decay: float,
         V, X, beta = w.V, w.X, w.beta * rate
         S = s.S[w.layer]
         retrieve = steps.erase * (decay if w.decay is None else w.decay)  # from the decayed S, as gated DeltaNet
-        if fused:
+        R = None if steps.fast_decay is not None else (retrieved or {}).get(w.layer)
+        if steps.write_form == "delta" and S is not None and R is not None:
+            V = V.float() - retrieve * R.float()  # the chunk's own S x: the product with S is not formed again
+        elif fused and S is not None:
             erase[w.layer] = retrieve
         elif steps.write_form == "delta" and S is not None:
             if steps.fast_decay is not None:  # retrieve from what S decays to: decay (L + g (S - L))
@@ -204,7 +225,7 @@ def step_with_extras(s: FastWeights, S: Tensor, w: Write, steps: Steps, decay: f
 
 # ------------------------------------------------------------------ dense S, rank-r factors, the norm bound
 def apply_dense(s: FastWeights, writes: list[Write], decay: float, clip: float | None,
-                w0_norm: dict[int, float]) -> bool:
+                w0_norm: dict[int, float], retrieved: dict[int, Tensor] | None = None) -> bool:
     """Write every layer of ``writes`` into the dense S of ``s`` or none of them; count it (``writes`` or
     ``refused_writes``).
 
@@ -216,16 +237,17 @@ def apply_dense(s: FastWeights, writes: list[Write], decay: float, clip: float |
     erase: dict[int, float] = {}
     steps = writes[0].steps
     if steps is not None and not steps.plain:
-        writes, erase = take_steps(s, writes, steps, decay, w0_norm)
+        writes, erase = take_steps(s, writes, steps, decay, w0_norm, retrieved)
     if not writes_are_safe(s, writes, erase):
         return False
     slot = torch.zeros(1, dtype=torch.long, device=s.spec.device)
     for w in writes:
-        delta_form = {"erase": erase[w.layer]} if erase.get(w.layer) else {}  # a plain write: kernels.write as ever
         max_norm = None
         if clip is not None:
             max_norm = torch.tensor([clip * w0_norm[w.layer]], device=s.spec.device)
         S = s.delta(w.layer, create=True)
+        if S is None:
+            raise RuntimeError(f"layer {w.layer} is not a plastic layer of this state")
         if S.is_inference() and not torch.is_inference_mode_enabled() and not S._is_view():
             S = s.S[w.layer] = S.clone()  # made under inference_mode, written outside it (a slot's view stays put)
         s.before_change(S)  # an open turn keeps its committed S (copy-on-first-write)
@@ -233,7 +255,7 @@ def apply_dense(s: FastWeights, writes: list[Write], decay: float, clip: float |
             step_with_extras(s, S, w, steps, decay if w.decay is None else w.decay, max_norm)
             continue
         kernels.write(S[None], slot, w.V[None], w.X[None], w.beta[None], decay if w.decay is None else w.decay,
-                      max_norm, **delta_form)
+                      max_norm, erase=erase.get(w.layer, 0.0))  # 0: the plain write
     s.writes += 1
     s.bump()
     return True
@@ -271,17 +293,17 @@ def bound_norms(s: FastWeights, bound: float | None, w0_norm: dict[int, float]) 
     """Rescale each layer's S of ``s`` onto ``bound * ||W0||`` where it is larger (in place; None: no bound)."""
     if bound is None:
         return
-    layers = [layer for layer, S in s.S.items() if S is not None]
-    if not layers:
+    present = {layer: S for layer, S in s.S.items() if S is not None}
+    if not present:
         return
     # every layer's norm first, then one read of them all (one host sync per write, not one per layer)
-    norms = torch.stack([torch.linalg.vector_norm(s.S[layer], dtype=torch.float32) for layer in layers]).tolist()
+    norms = torch.stack([torch.linalg.vector_norm(S, dtype=torch.float32) for S in present.values()]).tolist()
     changed = False
-    for layer, norm in zip(layers, norms):
+    for (layer, S), norm in zip(present.items(), norms):
         limit = bound * w0_norm[layer]
         if norm > limit:
-            s.before_change(s.S[layer])
-            s.S[layer].mul_(limit / norm)
+            s.before_change(S)
+            S.mul_(limit / norm)
             slow = s.extra.get("slow", {}).get(layer)  # two time scales: the slow part is part of S
             if slow is not None:
                 s.before_change(slow)

@@ -161,8 +161,10 @@ def measure(model, v: Variant, prompts: torch.Tensor, args: argparse.Namespace) 
         gc.collect()
     hwm_ok = reset_peak()
     rule, options = v.patch_options
+    record = options.pop("record_retrieval", True)  # a runtime setting, not a patch option (README, speed)
     rt = ar.patch(model, rule=rule, chunk_size=args.chunk, layers=args.plastic_layers, state_rank=v.rank, **options)
     try:
+        rt.record_retrieval = bool(record)
         if not v.pool:
             rt.slot_pool = None
         run_sessions(rt, torch.randint(0, args.vocab, (prompts.shape[0], args.chunk + 1)), 2)  # warm-up
@@ -222,7 +224,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--sessions", default="1,8,32", help="comma list of batch sizes B (default 1,8,32)")
     parser.add_argument("--rules", default="hebbian,gradient",
                         help="comma list of rules, each at its defaults or RULE:OPTIONS (ar.patch options), e.g. "
-                             "hebbian,hebbian:write_form=plain,norm_bound=0.05 (default hebbian,gradient)")
+                             "hebbian,hebbian:write_form=plain,norm_bound=0.05 (default hebbian,gradient); "
+                             "record_retrieval=false sets rt.record_retrieval (the delta form's retrieval formed "
+                             "at the write, as before it was recorded)")
     parser.add_argument("--states", default="dense,16", help="comma list: dense and/or ranks (default dense,16)")
     parser.add_argument("--pool", choices=["both", "on", "off"], default="on",
                         help="dense rules with the slot pool (on, default), without it (off), or both")

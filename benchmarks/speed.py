@@ -76,7 +76,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--variants", nargs="+", default=["hebbian", "gradient"],
                         help='plastic variants, each a rule at its defaults or RULE:OPTIONS with ar.patch options as '
-                             'long_memory_sweep.py takes them, e.g. "hebbian:write_form=plain,norm_bound=0.05"')
+                             'long_memory_sweep.py takes them, e.g. "hebbian:write_form=plain,norm_bound=0.05"; '
+                             '"hebbian:record_retrieval=false" sets rt.record_retrieval (the delta form\'s retrieval '
+                             'formed at the write)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,8 +87,11 @@ def main() -> None:
     static = build()
     runtimes = {}
     for variant in args.variants:
-        rule, _, options = variant.partition(":")
-        runtimes[variant] = ar.patch(build(), rule=rule, chunk_size=args.chunk, **parse_config(options))
+        rule, _, text = variant.partition(":")
+        options = parse_config(text)
+        record = options.pop("record_retrieval", True)  # a runtime setting, not a patch option
+        runtimes[variant] = ar.patch(build(), rule=rule, chunk_size=args.chunk, **options)
+        runtimes[variant].record_retrieval = bool(record)
     prefill = {"static": lambda: static_prefill(static, ids)}
     decode = {"static": lambda: static_decode(static, prompt, args.decode)}
     for rule, rt in runtimes.items():

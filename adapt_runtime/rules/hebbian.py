@@ -83,9 +83,15 @@ class HebbianRule(Rule):
                 and len(getattr(self, "_layers", ())) == 1 and (steps is None or steps.plain))
 
     @property
-    def targets_read_logits(self) -> bool:  # type: ignore[override]
+    def targets_read_logits(self) -> bool:
         """Only the ``error`` target and the ``surprise`` modulation read the logits (hebbian always stashes)."""
         return self.target == "error" or self.modulation != "none"
+
+    def _bound_unembed(self) -> Tensor:
+        """The unembedding of the model the rule was bound to (``bind``)."""
+        if self._unembed is None:
+            raise RuntimeError("the hebbian rule is not bound to a model (ar.patch binds it)")
+        return self._unembed
 
     def label_targets(self, labels: Tensor) -> dict[str, Tensor]:
         """Unmodulated, ``write`` reads the surprise ``nll`` for its length only; ``next_token``'s target is the
@@ -93,7 +99,7 @@ class HebbianRule(Rule):
         nll = torch.zeros(labels.shape[0], device=labels.device)
         if self.target == "output":
             return {"nll": nll}
-        v = self._unembed[labels].float()
+        v = self._bound_unembed()[labels].float()
         return {"v": v if self._gain is None else v * self._gain, "nll": nll}
 
     def options(self) -> dict[str, Any]:
@@ -120,7 +126,7 @@ class HebbianRule(Rule):
         nll = lse - logits.gather(-1, labels[:, None]).squeeze(-1)
         if self.target == "output":
             return {"nll": nll}
-        U = self._unembed
+        U = self._bound_unembed()
         v = U[labels].float()
         if self.target == "error":
             if 0 < self.topk < logits.shape[-1]:

@@ -56,9 +56,9 @@ class LearnedRule(Rule):
         c = self.plasticity
         if c.form == "gradient" and c.inner != "next_token":
             raise ValueError(f"learned: the runtime computes the next-token inner loss only, not {c.inner!r}")
-        self.default_chunk_size = c.chunk_size
-        self.default_layers = c.layers
-        self.needs_grad = c.form == "gradient"
+        self.default_chunk_size = c.chunk_size  # type: ignore[misc]  # per instance: the checkpoint decides
+        self.default_layers = c.layers  # type: ignore[misc]  # per instance: the checkpoint decides
+        self.needs_grad = c.form == "gradient"  # type: ignore[misc]  # per instance: the checkpoint decides
         capture = {"x"}
         if c.form == "delta" or (c.form == "hebbian" and c.target == "output"):
             capture.add("y")

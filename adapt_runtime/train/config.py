@@ -116,7 +116,8 @@ class PlasticityConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PlasticityConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "layers" else v) for k, v in data.items() if k in known})
+        given: dict[str, Any] = {k: (tuple(v) if k == "layers" else v) for k, v in data.items() if k in known}
+        return cls(**given)
 
     def save(self, folder: str | Path, **extra: Any) -> None:
         """``plasticity.json`` in ``folder`` (``extra`` keys, e.g. the training step, beside the config)."""

@@ -87,15 +87,17 @@ class PlasticLM(nn.Module):
                 raise ValueError("this rule reads the next tokens: pass ids, not embeds")
             rows, total = embeds.shape[:2]
             device = embeds.device
+            source, given = embeds, False  # the model reads vectors
         else:
             if ids is None or ids.dim() != 2:
                 raise ValueError(f"ids must be [B, T], got {None if ids is None else tuple(ids.shape)}")
             rows, total = ids.shape
             device = ids.device
+            source, given = ids, True  # the model reads token ids
         C = self.config.chunk_size
 
         def part(a: int, b: int) -> tuple[Tensor | None, Tensor | None]:
-            return (None, embeds[:, a:b]) if embeds is not None else (ids[:, a:b], None)
+            return (source[:, a:b], None) if given else (None, source[:, a:b])
 
         window = window or total
         if window % C:
@@ -153,6 +155,8 @@ class PlasticLM(nn.Module):
         ids, embeds = inputs
         given = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         ref = ids if embeds is None else embeds
+        if ref is None:
+            raise ValueError("a chunk is read from its ids or its embeds; both are None")
         positions = torch.arange(offset, offset + ref.shape[1], device=ref.device)[None].expand(ref.shape[0], -1)
         out = self.model(**given, position_ids=positions, use_cache=True, **{self._cache_arg: cache})
         return out.logits
@@ -182,6 +186,8 @@ class PlasticLM(nn.Module):
                 if config.inner == "internal":
                     inner = self.rule.internal_loss(logits)
                 else:
+                    if labels is None:
+                        raise ValueError("the gradient form's next-token loss needs the chunk's labels")
                     flat = logits.reshape(-1, logits.shape[-1])
                     inner = F.cross_entropy(flat, labels.reshape(-1), reduction="sum")
                 grads = torch.autograd.grad(inner, ys, create_graph=outer)
@@ -192,12 +198,12 @@ class PlasticLM(nn.Module):
         if config.target == "output" or config.form == "delta":
             inputs.y = {i: records[i]["y"] for i in layers}
         if config.form == "delta":
-            inputs.retrieved = {
-                i: torch.zeros_like(inputs.y[i])
-                if hooks.S[i] is None
-                else torch.einsum("bnf,bdf->bnd", x[i], hooks.S[i].to(x[i].dtype))
-                for i in layers
-            }
+            inputs.retrieved = {i: _retrieve(x[i], hooks.S[i], inputs.y[i]) for i in layers}
         if config.needs_targets:
             inputs.targets = position_targets(config, self._unembed, logits, labels)
         return inputs
+
+
+def _retrieve(x: Tensor, S: Tensor | None, like: Tensor) -> Tensor:
+    """``S x_t`` of every key `[B, n, d]` (zeros like ``like`` for a layer without S yet)."""
+    return torch.zeros_like(like) if S is None else torch.einsum("bnf,bdf->bnd", x, S.to(x.dtype))

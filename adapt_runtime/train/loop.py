@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: Ca
     model, tokenizer = _model_and_tokenizer(cfg, source)
     model = model.to(device).train()
     n_layers = model.config.num_hidden_layers
-    if trainer is not None:
+    if trainer is not None and source is not None:  # resumed: source is the checkpoint folder
         rule = RuleParams.load(source)
     else:
         plasticity = PlasticityConfig(
