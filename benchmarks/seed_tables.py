@@ -158,9 +158,11 @@ TASKS = {
         ("test_mse",),
         {},
         source=DUAN,
-        evals=1000,
+        evals=500,
         batch=64,
         backbone="llama",
+        d_model=64,  # adapt-train's default shape (theirs: hidden 128)
+        ffn=128,
         weight_decay=0.0,
         init_rate=1.0,
     ),
