@@ -521,7 +521,7 @@ def main(tasks, rules, seeds, epochs, episodes, eval_episodes, batch, omniglot_d
     for name in tasks:
         task = TASKS[name]
         n, e = episodes or task.episodes, epochs or task.epochs
-        plan += [(task, rule, seed, n, e) for rule in rules for seed in range(seeds)]
+        plan += [(task, rule, seed, n, e) for seed in range(seeds) for rule in rules]  # paired runs first
     results: dict = {}
     settings = {
         name: {
