@@ -26,7 +26,15 @@ Tasks (data generated as their repository does): ``copy`` (5 tokens from 8 symbo
 steps; metrics: mean CE over all 31 steps and their "recall" accuracy over the second half of the steps, which
 includes 11 blank steps; we also give the accuracy on the 5 recalled tokens alone), ``regression`` (y = w.x + b,
 x in R^3, 10 support pairs then 10 queries; metrics: MSE over all steps and over the queries), ``cue`` (8 of 20
-cues shown with a reward in [0, 1], then queried in the same order; metric: query MSE).
+cues shown with a reward in [0, 1], then queried in the same order; metric: query MSE), ``omniglot`` (5-way 5-shot,
+15 queries per class, a Conv-4 encoder trained with the decoder, d_model 256, FFN 512, weight decay 5e-4; metrics:
+query accuracy and loss; the classes come from the two small background subsets, see ``seed_omniglot.py``).
+
+``seqrep`` is Duan et al. (ICLR 2023, yuvenduan/PlasticRNNs)'s sequence reproduction (``datasets/seq.py``; length 5,
+delay 20 of their ``seqreproduction_delay``; metric: MSE over the 5 test steps, their test loss; batch 64, AdamW
+without weight decay), on adapt-train's from-scratch Llama (``scratch_model``, hidden 64, FFN 128) with the same
+rule at their scale (rate x alpha = 1 at init) and 4 extra outputs for the internal loss (their ``extra_dim``);
+their models are RNNs/LSTMs with every linear map plastic. Their numbers are plotted, not tabulated: none is given.
 """
 
 from __future__ import annotations
@@ -356,9 +364,12 @@ def objective(task: Task, losses: Tensor) -> Tensor:
     return losses.sum(1).mean()
 
 
-def scored_steps(task: Task, T: int) -> int:
-    """Steps a training loss is summed or averaged over (for the logged per-step train loss)."""
-    return {"omniglot": T * 3 // 4, "seqrep": 1}.get(task.name, T)
+def scored_steps(task: Task, targets: Tensor) -> int:
+    """Steps a training loss is summed or averaged over (for the logged per-step train loss): Omniglot's queries,
+    1 for the mean over seqrep's test steps, every step of the other tasks."""
+    if task.name == "omniglot":
+        return int((targets[0] != -100).sum())
+    return 1 if task.name == "seqrep" else targets.shape[1]
 
 
 def slices(x: Tensor | tuple[Tensor, ...], size: int):
@@ -438,7 +449,7 @@ def run(
                 bar.update(batch)
         inputs, targets = make(evals, g, "test")
         metrics = evaluate(model, task, inputs, targets)
-        per_step = total / episodes / scored_steps(task, targets.shape[1])
+        per_step = total / episodes / scored_steps(task, targets)
         history.append({"epoch": epoch + 1, "train_loss": per_step, **metrics})
     rule_state = {}
     if rule != "none":
