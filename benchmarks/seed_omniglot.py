@@ -93,12 +93,16 @@ def episodes(
     ways: int = 5,
     shots: int = 5,
     queries: int = 15,
+    shuffle_queries: bool = False,
 ) -> tuple[tuple[Tensor, Tensor], Tensor]:
     """``((images [n, T, 1, size, size] in [-1, 1], tags [n, T, ways + 1]), targets [n, T])`` with ``T = ways *
     (shots + queries)``: support steps first (tags: one-hot label, query flag 0; target -100, no loss), then the
-    queries (tags: zeros, flag 1; target the label)."""
+    queries (tags: zeros, flag 1; target the label), in class order as theirs or, with ``shuffle_queries``, in a
+    random order per episode (their order gives a query's label away by its position among the queries)."""
     pool = load_splits(str(folder), size)[split]
-    images = []
+    S = ways * shots
+    plain = torch.cat([torch.arange(ways).repeat_interleave(shots), torch.arange(ways).repeat_interleave(queries)])
+    images, labels = [], []
     for _ in range(n):
         chosen = torch.randperm(pool.shape[0], generator=g)[:ways]
         support, query = [], []
@@ -106,11 +110,14 @@ def episodes(
             order = torch.randperm(DRAWINGS, generator=g)[: shots + queries]
             support.append(pool[cls, order[:shots]])
             query.append(pool[cls, order[shots:]])
-        images.append(torch.cat(support + query))
+        episode, label = torch.cat(support + query), plain
+        if shuffle_queries:
+            perm = torch.cat([torch.arange(S), S + torch.randperm(ways * queries, generator=g)])
+            episode, label = episode[perm], plain[perm]
+        images.append(episode)
+        labels.append(label)
     pixels = torch.stack(images).unsqueeze(2).float() / 127.5 - 1.0
-    S = ways * shots
-    labels = torch.cat([torch.arange(ways).repeat_interleave(shots), torch.arange(ways).repeat_interleave(queries)])
-    labels = labels.expand(n, -1)
+    labels = torch.stack(labels)
     tags = torch.zeros(n, labels.shape[1], ways + 1)
     tags[:, :S, :ways] = F.one_hot(labels[:, :S], ways).float()
     tags[:, S:, ways] = 1.0

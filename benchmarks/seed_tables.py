@@ -240,10 +240,12 @@ def seqrep_episodes(n: int, g: torch.Generator, length: int = SEQ_LENGTH, delay:
 EPISODES = {"copy": copy_episodes, "regression": regression_episodes, "cue": cue_episodes, "seqrep": seqrep_episodes}
 
 
-def episode_maker(task: Task, omniglot_dir: str, image_size: int):
+def episode_maker(task: Task, omniglot_dir: str, image_size: int, shuffle_queries: bool = False):
     """``make(n, g, split)`` for ``task`` (``split`` "train" or "test" matters for Omniglot alone)."""
     if task.name == "omniglot":
-        return lambda n, g, split: seed_omniglot.episodes(n, g, split, omniglot_dir, image_size)
+        return lambda n, g, split: seed_omniglot.episodes(
+            n, g, split, omniglot_dir, image_size, shuffle_queries=shuffle_queries
+        )
     make = EPISODES[task.name]
     return lambda n, g, split: make(n, g)
 
@@ -509,9 +511,16 @@ def table(results: dict, settings: dict) -> str:
     help="Folder with images_background_small1.zip and images_background_small2.zip.",
 )
 @click.option("--image-size", default=84, show_default=True, help="Omniglot images resized to this (theirs: 84).")
+@click.option(
+    "--shuffle-queries",
+    is_flag=True,
+    help="Omniglot: queries in a random order (theirs: grouped by class, which a model can read the labels from).",
+)
 @click.option("--threads", default=1, show_default=True, help="torch threads.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write every run's history as JSON.")
-def main(tasks, rules, seeds, epochs, episodes, eval_episodes, batch, omniglot_dir, image_size, threads, out) -> None:
+def main(
+    tasks, rules, seeds, epochs, episodes, eval_episodes, batch, omniglot_dir, image_size, shuffle_queries, threads, out
+) -> None:
     """Static vs hebbian vs gradient plasticity, trained with adapt_runtime.train, beside the published numbers.
 
     \b
@@ -546,6 +555,7 @@ def main(tasks, rules, seeds, epochs, episodes, eval_episodes, batch, omniglot_d
     if "omniglot" in tasks:
         settings["omniglot"] |= {
             "image_size": image_size,
+            "shuffle_queries": shuffle_queries,
             "classes": seed_omniglot.split_summary(omniglot_dir, image_size),
         }
     start, cpu_start = time.time(), time.process_time()
@@ -553,7 +563,7 @@ def main(tasks, rules, seeds, epochs, episodes, eval_episodes, batch, omniglot_d
         for task, rule, seed, n, e in plan:
             bar.set_description(f"{task.name} {rule} seed {seed}")
             evals = settings[task.name]["eval_episodes"]
-            make = episode_maker(task, omniglot_dir, image_size)
+            make = episode_maker(task, omniglot_dir, image_size, shuffle_queries)
             wall, cpu = time.time(), time.process_time()
             result = run(task, rule, seed, n, e, settings[task.name]["batch"], evals, bar, make, image_size)
             result |= {"wall_s": time.time() - wall, "cpu_s": time.process_time() - cpu}

@@ -76,6 +76,13 @@ def test_omniglot_split_keeps_test_alphabets_out_of_training() -> None:
     assert (targets[:, :25] == -100).all() and targets[0, 25:].tolist() == [c for c in range(5) for _ in range(15)]
     assert (tags[:, :25, :5].argmax(-1) == torch.arange(5).repeat_interleave(5)).all()
     assert (tags[:, :25, 5] == 0).all() and (tags[:, 25:, 5] == 1).all() and (tags[:, 25:, :5] == 0).all()
+    g = torch.Generator().manual_seed(0)
+    (shuffled, _), mixed = seed_omniglot.episodes(2, g, "test", size=28, shuffle_queries=True)
+    assert torch.equal(shuffled[0, :25], images[0, :25])  # the first episode's draws, its queries reordered
+    assert mixed[0, 25:].bincount().tolist() == [15] * 5 and mixed[0, 25:].tolist() != targets[0, 25:].tolist()
+    for j in range(25, 100):  # each query image keeps its label
+        src = next(k for k in range(25, 100) if torch.equal(images[0, k], shuffled[0, j]))
+        assert targets[0, src] == mixed[0, j]
 
 
 @needs_omniglot
