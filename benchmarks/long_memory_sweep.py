@@ -4,6 +4,7 @@
     python benchmarks/long_memory_sweep.py --rules hebbian --configs "" "decay=0.995" "norm_bound=0.1,layers=last:3"
     python benchmarks/long_memory_sweep.py --split heldout                   # the final check on the held-out part
     python benchmarks/long_memory_sweep.py --episodes 4 --windows 32 --reread 8 --threads 1   # + the other protocols
+    python benchmarks/long_memory_sweep.py --split heldout --sources tinystories --rules none,gradient,learned@DIR
 
 For each source (TinyStories valid, WikiText-2 valid) and episode, a stretch of the text is read with ``rt.read``
 (windows of --window tokens, KV dropped between windows). After 2k/5k/10k/20k tokens the state is copied, its KV
@@ -24,7 +25,15 @@ Two more protocols on the same part of each source (``--windows``, ``--reread``;
   then scores it again with a fresh context and ``adapt=False``; the change against a fresh state, with its CI.
 
 Each source's token ids are split: the first 75% is the tune part, the rest the held-out part (a final check of
-the chosen defaults, never tuned on). A config is a comma list of ``ar.patch`` options, ``""`` the defaults.
+the chosen defaults, never tuned on; ``heldout_split.py`` writes the two parts as files, e.g. to train on the tune
+part alone). A config is a comma list of ``ar.patch`` options, ``""`` the defaults.
+
+A rule may name its own model, ``RULE@MODEL`` (an alias or a folder, e.g. ``learned@runs/a/step-000240``, a
+checkpoint of ``adapt-train``; the same tokenizer as --model). Every change, of every row, is against the fresh
+state of --model (the bundled stories260K by default) on the same episode, so a trained model's row holds what its
+base weights changed as well as what its fast weights remember (``none@MODEL``: the base weights' change alone).
+``--versus ROW`` (a rule as written in --rules, e.g. ``gradient``) adds each row's paired difference from that row,
+per episode, with its 95% CI.
 """
 
 from __future__ import annotations
@@ -118,30 +127,68 @@ def window_changes(rt: ar.Runtime, wins: list[torch.Tensor], static: list[float]
     return out
 
 
-def reread_changes(rt: ar.Runtime, passages: list[torch.Tensor]) -> list[float]:
-    """Per passage: relative change of its NLL after a fresh session read it once, vs a fresh state."""
+def reread_changes(rt: ar.Runtime, passages: list[torch.Tensor], fresh: list[float]) -> list[float]:
+    """Per passage: relative change of its NLL after a fresh session read it once, vs ``fresh`` (its NLL under the
+    reference model's fresh state)."""
     out = []
-    for p in passages:
+    for p, base in zip(passages, fresh):
         state = rt.new_state()
-        fresh = nll(rt, state, p)
         rt.forward(p, state)
-        out.append(nll(rt, state, p) / fresh - 1)
+        out.append(nll(rt, state, p) / base - 1)
     return out
 
 
+def fresh_nlls(rt: ar.Runtime, doc: torch.Tensor, unseen: torch.Tensor, probe: int) -> dict[str, float]:
+    """The episode's seen (the document's first ``probe`` tokens) and unseen NLL under a fresh state."""
+    state = rt.new_state()
+    return {"seen": nll(rt, state, doc[:probe]), "unseen": nll(rt, state, unseen)}
+
+
 def run_episode(rt: ar.Runtime, doc: torch.Tensor, unseen: torch.Tensor, lengths: list[int], probe: int,
-                window: int) -> dict[int, dict[str, float]]:
+                window: int, fresh: dict[str, float]) -> dict[int, dict[str, float]]:
+    """Per length: the seen and unseen NLL after reading that much of ``doc`` (``*_nll``), and their relative change
+    against ``fresh`` (the reference model's fresh state on this episode)."""
     seen = doc[:probe]
     state = rt.new_state()
-    fresh = {"seen": nll(rt, state, seen), "unseen": nll(rt, state, unseen)}
     out = {}
     done = 0
     for n in lengths:
         rt.read(doc[done:n], state, window=window)
         done = n
-        out[n] = {"seen": nll(rt, state, seen) / fresh["seen"] - 1, "unseen": nll(rt, state, unseen) / fresh["unseen"]
-                  - 1, "norm": relative_norms(rt, state), "refused": state.refused_writes}
+        got = {"seen": nll(rt, state, seen), "unseen": nll(rt, state, unseen)}
+        out[n] = {"seen": got["seen"] / fresh["seen"] - 1, "unseen": got["unseen"] / fresh["unseen"] - 1,
+                  "seen_nll": got["seen"], "unseen_nll": got["unseen"], "norm": relative_norms(rt, state),
+                  "refused": state.refused_writes}
     return out
+
+
+def split_rule(text: str) -> tuple[str, str | None]:
+    """``"learned@DIR"`` -> ``("learned", "DIR")``; ``"gradient"`` -> ``("gradient", None)``."""
+    rule, _, model = text.partition("@")
+    return rule, (model or None)
+
+
+def paired(a: list[float], b: list[float]) -> str:
+    """``-1.2 ±0.8``: the mean of the per-episode differences a - b, in points, with its 95% CI half-width."""
+    est = mean_ci([x - y for x, y in zip(a, b)])
+    half = "" if est.ci95 is None else f" ±{100 * (est.ci95[1] - est.mean):.1f}"
+    return f"{100 * est.mean:+.1f}{half}"
+
+
+def print_versus(rows: list[dict], versus: str, lengths: list[int]) -> None:
+    """Each row's paired per-episode difference from the row of rule ``versus`` (same source and config), in
+    points of the relative change against the reference fresh state."""
+    print(f"\npaired difference from {versus} (points; negative: lower NLL than {versus}), mean ±95% CI over episodes")
+    print("| source | rule | config | " + " | ".join(f"{n // 1000}k seen / unseen" for n in lengths) + " |")
+    print("|---|---|---|" + "---|" * len(lengths))
+    for row in rows:
+        ref = next((r for r in rows if r["rule"] == versus and r["source"] == row["source"]
+                    and r["config_text"] == row["config_text"]), None)
+        if ref is None or ref is row:
+            continue
+        cells = " | ".join(" / ".join(paired([e[n][k] for e in row["episodes"]], [e[n][k] for e in ref["episodes"]])
+                                      for k in ("seen", "unseen")) for n in lengths)
+        print(f"| {row['source']} | {row['rule']} | {row['config_text'] or 'defaults'} | {cells} |")
 
 
 def main() -> None:
@@ -149,7 +196,9 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder of the shared datasets")
     ap.add_argument("--sources", default="tinystories,wikitext2")
     ap.add_argument("--split", choices=("tune", "heldout"), default="tune")
-    ap.add_argument("--rules", default="hebbian,gradient")
+    ap.add_argument("--model", default="llama", help="the reference model: every change is against its fresh state")
+    ap.add_argument("--rules", default="hebbian,gradient", help="comma list of RULE or RULE@MODEL (its own model)")
+    ap.add_argument("--versus", default=None, help="also print each row's paired difference from this row's")
     ap.add_argument("--configs", nargs="*", default=[""], help='patch options per config, e.g. "decay=0.998"')
     ap.add_argument("--lengths", default="2000,5000,10000,20000")
     ap.add_argument("--episodes", type=int, default=2)
@@ -164,7 +213,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     paths = {source: data_file(source, args.data_dir) for source in args.sources.split(",")}
-    model, tokenizer = ar.load_model("llama")
+    model, tokenizer = ar.load_model(args.model)
+    models = {None: model}
+    for _, name in map(split_rule, args.rules.split(",")):
+        if name is not None and name not in models:
+            models[name], other = ar.load_model(name)
+            if other.get_vocab() != tokenizer.get_vocab():
+                ap.error(f"{name}: its tokenizer is not that of --model {args.model}")
     rows = []
     print(f"split {args.split}, {args.episodes} episodes per source, window {args.window}, probe {args.probe}; "
           "change of mean NLL vs a fresh state (negative = better)")
@@ -181,22 +236,25 @@ def main() -> None:
         passages = [torch.tensor([bos, *p]) for p in spread(ids, args.reread_len - 1, args.reread, every=3)]
         passages = passages if args.reread else []
         static: list[float] = []
-        if wins:
-            rt = ar.patch(model, rule="none")
-            try:
-                static = [float(F.cross_entropy(rt.forward(w, rt.new_state(), adapt=False)[0][:-1].float(), w[1:]))
-                          for w in wins]
-            finally:
-                rt.unpatch()
-        for rule in args.rules.split(","):
+        rt = ar.patch(model, rule="none")
+        try:
+            fresh = [fresh_nlls(rt, d, u, args.probe) for d, u in eps]
+            fresh_passages = [nll(rt, rt.new_state(), p) for p in passages]
+            static = [float(F.cross_entropy(rt.forward(w, rt.new_state(), adapt=False)[0][:-1].float(), w[1:]))
+                      for w in wins]
+        finally:
+            rt.unpatch()
+        for label in args.rules.split(","):
+            rule, model_name = split_rule(label)
             for text in args.configs:
                 options = parse_config(text)
-                rt = ar.patch(model, rule=rule, **options)
+                rt = ar.patch(models[model_name], rule=rule, **options)
                 started = time.perf_counter()
                 try:
-                    results = [run_episode(rt, d, u, lengths, args.probe, args.window) for d, u in eps]
+                    results = [run_episode(rt, d, u, lengths, args.probe, args.window, f)
+                               for (d, u), f in zip(eps, fresh)]
                     window_deltas = window_changes(rt, wins, static)
-                    rereads = reread_changes(rt, passages)
+                    rereads = reread_changes(rt, passages, fresh_passages)
                 finally:
                     rt.unpatch()
                 mean = {n: {k: sum(r[n][k] for r in results) / len(results) for k in ("seen", "unseen", "norm")}
@@ -205,8 +263,9 @@ def main() -> None:
                 cells = " | ".join(f"{cell([r[n]['seen'] for r in results])} / "
                                    f"{cell([r[n]['unseen'] for r in results])}" for n in lengths)
                 others = ""
-                row = {"source": source, "rule": rule, "config": options, "split": args.split,
-                       "episodes": results, "mean": mean, "worst_unseen": worst}
+                row = {"source": source, "rule": label, "model": model_name or args.model, "config": options,
+                       "config_text": text, "split": args.split, "episodes": results, "fresh": fresh,
+                       "mean": mean, "worst_unseen": worst}
                 if wins:
                     base = sum(static) / len(static)
                     est = mean_ci(window_deltas)
@@ -216,10 +275,12 @@ def main() -> None:
                 if rereads:
                     others += f"{cell(rereads)} | "
                     row["reread"] = rereads
-                print(f"| {source} | {rule} | {text or 'defaults'} | {cells} | {mean[lengths[-1]]['norm']:.3f} | "
+                print(f"| {source} | {label} | {text or 'defaults'} | {cells} | {mean[lengths[-1]]['norm']:.3f} | "
                       f"{'yes' if worst <= 0 else 'NO'} ({100 * worst:+.1f}%) | {others}", flush=True)
                 row["seconds"] = time.perf_counter() - started
                 rows.append(row)
+    if args.versus is not None:
+        print_versus(rows, args.versus, lengths)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1, default=str))

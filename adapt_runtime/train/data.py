@@ -1,4 +1,4 @@
-"""Training text: a text file tokenized once, its tail held out, streams sampled from the rest.
+"""Training text: a text file tokenized once (whole), its tail held out, streams sampled from the rest.
 
 Streams are contiguous spans of ``length`` tokens at uniform random offsets of the training part, drawn from a
 ``torch.Generator`` whose state the checkpoint keeps (so a resumed run draws the same batches). Held-out streams
@@ -23,17 +23,20 @@ class TokenSplit:
 
 
 def load_tokens(path: str | Path, tokenizer, holdout: float) -> TokenSplit:
-    """Tokenize ``path`` line by line (no special tokens; newlines kept) and hold out its tail fraction."""
+    """Tokenize ``path`` whole (no special tokens), as ``adapt-eval`` and the benchmarks tokenize a text file, and
+    hold out its tail fraction.
+
+    (Line by line, as this did before 2026-12-05, a SentencePiece tokenizer puts its dummy-prefix space at every
+    line start and blank lines were dropped: text the runtime never reads that way.)"""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
-    if not lines:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
         raise ValueError(f"--data {path} holds no text")
-    pieces = tokenizer(lines, add_special_tokens=False).input_ids
-    ids = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
     cut = len(ids) - int(round(len(ids) * holdout))
     return TokenSplit(train=ids[:cut], heldout=ids[cut:])
 

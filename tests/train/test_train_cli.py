@@ -87,3 +87,17 @@ def test_trains_resumes_and_serves(tmp_path):
 def test_missing_data_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "--data" in result.output
+
+
+def test_training_text_is_tokenized_as_the_runtime_reads_it(tmp_path):
+    """The whole file in one call (blank lines kept, no dummy-prefix space at each line start), as adapt-eval and
+    the benchmarks tokenize it."""
+    from adapt_runtime.train.data import load_tokens
+
+    _, tokenizer = ar.load_model("llama")
+    text = "One day, Tom saw a cat.\n\nFrom that day on, they were friends.\nThe end.\n"
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    split = load_tokens(path, tokenizer, 0.0)
+    assert split.train.tolist() == tokenizer(text, add_special_tokens=False).input_ids
+    assert split.heldout.numel() == 0
