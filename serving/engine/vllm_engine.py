@@ -5,9 +5,11 @@ LoRA adapter on that layer's ``down_proj``. One turn:
 
 1. **learns its prompt**: the runtime reads the turn's new prompt tokens into the session's state (the native
    engine's prompt reader on the runtime's model thread: chunked writes, echo scores, cancellation);
-2. **generates**: vLLM's ``AsyncLLM`` runs the turn's whole context (the tokens the native engine would hold in
-   its KV cache) with the session's memory as a LoRA adapter, one adapter version per generation, written to
-   tmpfs and removed from vLLM when its requests end; S stays fixed while the completion is generated;
+2. **generates**: vLLM runs the turn's whole context (the tokens the native engine would hold in its KV cache)
+   with the session's memory as a LoRA adapter, one adapter version per generation, written to tmpfs (or
+   ``--vllm-adapter-dir``) and removed from vLLM when its requests end; S stays fixed while the completion is
+   generated. vLLM is a ``Generator``: ``AsyncLLM`` in this process (``InProcessVllm``), or a ``vllm serve`` the
+   user runs (``--vllm-url``, ``vllm_remote.RemoteVllm``);
 3. **learns its completion**: the runtime reads the completion into the state (all but its last token, which the
    next turn's prompt carries: the native engine never feeds a row's last token either); then ``Done``, and the
    turn commits the state as the native engine's turn does.
